@@ -1,0 +1,16 @@
+"""allmlp: all-MLP vision models (MLP-Mixer, CycleMLP, Vision Permutator) with their published weights."""
+
+from .models import MlpMixer, create_model, get_entry, list_models
+from .weights import WeightsError, load_weights, save_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MlpMixer",
+    "WeightsError",
+    "create_model",
+    "get_entry",
+    "list_models",
+    "load_weights",
+    "save_weights",
+]

@@ -1,0 +1,208 @@
+"""Model names -> (architecture, config, preprocessing, provenance of the published weights); list and create."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from ..weights import WeightsError, load_weights, read_config, read_state_dict
+from .mixer import CONFIGS as MIXER_CONFIGS
+from .mixer import MlpMixer
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for weights of this entry (pixels in [0, 1] are normalised by mean/std)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # "bilinear" or "bicubic"
+    crop_pct: float  # 1.0: plain resize to the input size; < 1: resize to size / crop_pct, centre crop
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class WeightRelease:
+    """One published weight set that fits an entry. Nothing is downloaded: `source` tells where to get it."""
+
+    tag: str
+    source: str
+    num_classes: int
+    trained_on: str
+    top1: float | None = (
+        None  # ImageNet-1k top-1 as published, where the release is an ImageNet-1k classifier
+    )
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    architecture: type[nn.Module]
+    config: Mapping
+    preprocessing: Preprocessing
+    releases: tuple[WeightRelease, ...] = field(default_factory=tuple)
+    paper: str = ""
+
+
+MIXER_PAPER = (
+    "Tolstikhin et al., MLP-Mixer: An all-MLP Architecture for Vision, NeurIPS 2021 (arXiv 2105.01601)"
+)
+OFFICIAL_MIXER_PREPROCESSING = Preprocessing(
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    interpolation="bilinear",
+    crop_pct=1.0,
+    note="official: pixels to [-1, 1] as (x - 127.5) / 127.5, plain bilinear resize to the input size",
+)
+
+
+def _mixer_releases(label: str, sets: dict[str, tuple[int, str, float | None]]) -> tuple[WeightRelease, ...]:
+    return tuple(
+        WeightRelease(tag, f"gs://mixer_models/{tag}/Mixer-{label}.npz", classes, trained_on, top1)
+        for tag, (classes, trained_on, top1) in sets.items()
+    )
+
+
+_IN1K = "ImageNet-1k from scratch"
+_SAM = "ImageNet-1k from scratch, SAM optimizer"
+_GSAM = "ImageNet-1k from scratch, GSAM optimizer"
+_MIXER_RELEASES = {
+    "s32": _mixer_releases("S_32", {"gsam": (1000, _GSAM, None)}),
+    "s16": _mixer_releases("S_16", {"gsam": (1000, _GSAM, None)}),
+    "s8": _mixer_releases("S_8", {"gsam": (1000, _GSAM, None)}),
+    "b32": _mixer_releases("B_32", {"sam": (1000, _SAM, None), "gsam": (1000, _GSAM, None)}),
+    "b16": _mixer_releases(
+        "B_16",
+        {
+            "imagenet1k": (1000, _IN1K, 76.44),
+            "imagenet21k": (21843, "ImageNet-21k pre-training (21,843-class head)", None),
+            "sam": (1000, _SAM, None),
+            "gsam": (1000, _GSAM, None),
+        },
+    )
+    + (
+        WeightRelease(
+            "timm:goog_in21k_ft_in1k",
+            "timm mixer_b16_224.goog_in21k_ft_in1k (the official imagenet1k set, converted; mislabelled in21k)",
+            1000,
+            _IN1K,
+            76.44,
+        ),
+    ),
+    "l32": (),
+    "l16": _mixer_releases(
+        "L_16",
+        {
+            "imagenet1k": (1000, _IN1K, 71.76),
+            "imagenet21k": (21843, "ImageNet-21k pre-training (21,843-class head)", None),
+        },
+    )
+    + (
+        WeightRelease(
+            "timm:goog_in21k_ft_in1k",
+            "timm mixer_l16_224.goog_in21k_ft_in1k (the official imagenet1k set, converted; mislabelled in21k)",
+            1000,
+            _IN1K,
+            71.76,
+        ),
+    ),
+    "h14": (),
+}
+
+REGISTRY: dict[str, ModelEntry] = {
+    f"mixer_{variant}_224": ModelEntry(
+        name=f"mixer_{variant}_224",
+        architecture=MlpMixer,
+        config=dict(img_size=224, num_classes=1000, **config),
+        preprocessing=OFFICIAL_MIXER_PREPROCESSING,
+        releases=_MIXER_RELEASES[variant],
+        paper=MIXER_PAPER,
+    )
+    for variant, config in MIXER_CONFIGS.items()
+}
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"MlpMixer": MlpMixer}
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names, sorted, optionally filtered by a shell-style pattern ('mixer_*')."""
+    return sorted(name for name in REGISTRY if fnmatch.fnmatch(name, pattern))
+
+
+def get_entry(name: str) -> ModelEntry:
+    """The registry entry of `name`; an unknown name fails with the closest registered names."""
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, REGISTRY, n=5, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"registered: {', '.join(list_models())}"
+        raise ValueError(f"unknown model {name!r}; {hint}")
+    return REGISTRY[name]
+
+
+def _build(architecture: type[nn.Module], config: dict) -> nn.Module:
+    accepted = set(inspect.signature(architecture.__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        raise ValueError(
+            f"{architecture.__name__} has no option {', '.join(unknown)}; options: {', '.join(sorted(accepted))}"
+        )
+    return architecture(**config)
+
+
+def _is_weight_file(name: str | os.PathLike) -> bool:
+    return (
+        isinstance(name, os.PathLike)
+        or Path(name).suffix in {".safetensors", ".npz", ".pth", ".pt", ".bin"}
+        or os.path.isfile(name)
+    )
+
+
+def create_model(
+    name: str | os.PathLike,
+    num_classes: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    weights: str | os.PathLike | Mapping | None = None,
+    **overrides,
+) -> nn.Module:
+    """Build a registered model (or rebuild one from a file written by `save_weights`) and load weights.
+
+    num_classes / img_size / overrides replace the entry's config. With `weights`, a head of another size than
+    the checkpoint's is started fresh (zero) when `num_classes` was given, and is an error otherwise.
+    """
+    if _is_weight_file(name):
+        stored = read_config(name)
+        if stored is None:
+            raise WeightsError(
+                f"{name}: no allmlp config in this file; build the model by name and load it with "
+                f"allmlp.load_weights, or convert it with `allmlp convert SRC DST --model NAME`"
+            )
+        architecture_name, config = stored
+        if architecture_name not in ARCHITECTURES:
+            raise WeightsError(f"{name}: unknown architecture {architecture_name!r} in the file's metadata")
+        architecture = ARCHITECTURES[architecture_name]
+        weights = name if weights is None else weights
+    else:
+        entry = get_entry(name)
+        architecture, config = entry.architecture, dict(entry.config)
+    config = dict(config)
+    if num_classes is not None:
+        config["num_classes"] = num_classes
+    if img_size is not None:
+        config["img_size"] = img_size
+    config.update(overrides)
+    model = _build(architecture, config)
+    if weights is not None:
+        reset_head = False
+        if num_classes is not None:
+            state_dict, _ = read_state_dict(weights)
+            head = state_dict.get("head.weight")
+            reset_head = head is not None and head.shape[0] != num_classes
+            weights = state_dict
+        load_weights(model, weights, reset_head=reset_head)
+    return model

@@ -1,0 +1,126 @@
+"""Weights in every published format, loaded strictly into allmlp models; allmlp's own format is safetensors.
+
+`load_weights` detects the format from the content: allmlp safetensors (config in the metadata), timm state
+dicts (.pth/.bin/.safetensors, bare or wrapped), the official JAX Mixer .npz releases, and the authors'
+CycleMLP / ViP checkpoints. Names that differ from allmlp's are converted by the module for that format.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from .files import (
+    WeightsError,
+    config_metadata,
+    parse_config_metadata,
+    read_metadata,
+    read_weights,
+    unwrap_state_dict,
+    write_safetensors,
+)
+from .jax_mixer import convert_jax_mixer, is_jax_mixer
+
+__all__ = ["WeightsError", "load_weights", "read_state_dict", "save_weights"]
+
+# (detect by key names, convert to allmlp names) for each foreign naming scheme.
+FOREIGN_FORMATS: list[tuple[Callable[[list[str]], bool], Callable[[dict], dict[str, torch.Tensor]]]] = [
+    (is_jax_mixer, convert_jax_mixer),
+]
+
+HEAD_KEYS = ("head.weight", "head.bias")
+_LISTED = 20  # keys shown per category in an error; the count says how many more
+
+
+def read_state_dict(source: str | os.PathLike | Mapping) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict in allmlp names, file metadata) from a path or an in-memory (possibly wrapped) state dict."""
+    if isinstance(source, Mapping):
+        arrays, metadata = dict(source), {}
+        if not any(isinstance(v, np.ndarray) for v in arrays.values()):
+            arrays = unwrap_state_dict(arrays)
+    elif isinstance(source, (str, os.PathLike)):
+        arrays, metadata = read_weights(source)
+    else:
+        raise WeightsError(f"weights source must be a path or a state dict, got {type(source).__name__}")
+    for detect, convert in FOREIGN_FORMATS:
+        if detect(list(arrays)):
+            return convert(arrays), metadata
+    if not all(isinstance(v, torch.Tensor) for v in arrays.values()):
+        raise WeightsError("NumPy arrays given, but their names match no known format (official Mixer .npz)")
+    return arrays, metadata
+
+
+def _listing(title: str, items: list[str]) -> str:
+    more = f" ... and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
+    return f"\n  {title} ({len(items)}): " + ", ".join(items[:_LISTED]) + more
+
+
+def load_weights(
+    model: nn.Module,
+    source: str | os.PathLike | Mapping,
+    *,
+    strict: bool = True,
+    reset_head: bool = False,
+) -> nn.Module:
+    """Load weights of any supported format into `model` and return it.
+
+    strict: missing or unexpected keys are an error (mis-shaped keys always are), listed in one message.
+    reset_head: drop the checkpoint's classifier and give the model a fresh zero head (fine-tuning on other
+    classes). Without it, a head of another size is an error. A model built with num_classes=0 ignores it.
+    """
+    state_dict, _ = read_state_dict(source)
+    own = model.state_dict()
+    has_head = "head.weight" in own
+    if reset_head or not has_head:
+        state_dict = {k: v for k, v in state_dict.items() if k not in HEAD_KEYS}
+    elif "head.weight" in state_dict and state_dict["head.weight"].shape != own["head.weight"].shape:
+        raise WeightsError(
+            f"classifier head: the checkpoint has {state_dict['head.weight'].shape[0]} classes, the model "
+            f"{own['head.weight'].shape[0]}; pass reset_head=True for a fresh zero head, or build the model "
+            f"with num_classes={state_dict['head.weight'].shape[0]}"
+        )
+
+    expected = [k for k in own if not (reset_head and k in HEAD_KEYS)]
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        f"{k} (checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)})"
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if mismatched or (strict and (missing or unexpected)):
+        message = f"weights do not fit {type(model).__name__}:"
+        for title, items in (("mis-shaped", mismatched), ("missing", missing), ("unexpected", unexpected)):
+            if items:
+                message += _listing(title, items)
+        if any("mlp_tokens" in item for item in mismatched):
+            message += (
+                "\n  token-mixing shapes depend on the image size: build the model for the checkpoint's size "
+                "and use allmlp.adapt_resolution to change it"
+            )
+        raise WeightsError(message)
+
+    with torch.no_grad():
+        model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+        if reset_head and has_head:
+            model.get_classifier().weight.zero_()
+            model.get_classifier().bias.zero_()
+    return model
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> str:
+    """Write the model's weights as safetensors with its architecture and config in the metadata (atomic)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise WeightsError(f"{type(model).__name__} is not an allmlp model (it has no .config to store)")
+    write_safetensors(model.state_dict(), path, config_metadata(type(model).__name__, config))
+    return os.fspath(path)
+
+
+def read_config(path: str | os.PathLike) -> tuple[str, dict] | None:
+    """(architecture, config) of a file written by `save_weights`, or None for other files."""
+    return parse_config_metadata(read_metadata(path))

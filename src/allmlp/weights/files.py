@@ -1,0 +1,143 @@
+"""Reading weight files safely, whatever their format, and writing ours atomically.
+
+The format is detected from the content, not the file name: safetensors (ours and timm's), PyTorch
+checkpoints (zip or legacy pickle; loaded with `weights_only=True`, so a pickle carrying code is refused
+before anything runs) and NumPy `.npz` archives (the official JAX releases; `allow_pickle=False`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+
+class WeightsError(ValueError):
+    """A weight file or state dict that cannot be used as asked; the message says what and why."""
+
+
+def detect_format(path: Path) -> str:
+    """'safetensors', 'torch' or 'npz', from the first bytes of the file."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile as err:
+            raise WeightsError(f"{path}: looks like a zip archive but cannot be read ({err})") from err
+        if names and all(name.endswith(".npy") for name in names):
+            return "npz"
+        if any(name.endswith("data.pkl") for name in names):
+            return "torch"
+        raise WeightsError(f"{path}: zip archive that is neither an .npz nor a PyTorch checkpoint")
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] + 8 <= size:
+        return "safetensors"
+    if head[:1] == b"\x80":
+        return "torch"
+    raise WeightsError(
+        f"{path}: unrecognised weight file (expected safetensors, a PyTorch .pth/.bin checkpoint or an "
+        f"official .npz archive; first bytes {head[:8]!r})"
+    )
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor | np.ndarray], dict[str, str]]:
+    """(arrays by key, metadata) from a weight file. Arrays are tensors, or NumPy arrays for .npz files."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weight file not found: {path}")
+    kind = detect_format(path)
+    try:
+        if kind == "safetensors":
+            with safe_open(path, framework="pt") as f:
+                return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
+        if kind == "npz":
+            with np.load(path, allow_pickle=False) as archive:
+                return {key: archive[key] for key in archive.files}, {}
+        return _unwrap(torch.load(path, map_location="cpu", weights_only=True), path), {}
+    except WeightsError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError, EOFError, zipfile.BadZipFile) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if kind == "npz" and "allow_pickle" in reason:
+            reason = "it holds pickled object arrays, which are never loaded"
+        elif kind == "torch" and "weights_only" in str(err).lower():
+            reason = "it holds pickled objects other than tensors, which are never unpickled"
+        raise WeightsError(f"{path}: cannot read {kind} weights: {reason}") from err
+    except Exception as err:  # pickle.UnpicklingError and friends from a hostile or corrupt pickle
+        raise WeightsError(f"{path}: refused to load {kind} checkpoint: {err}") from err
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file without reading its tensors; {} for other formats."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weight file not found: {path}")
+    if detect_format(path) != "safetensors":
+        return {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except SafetensorError as err:
+        raise WeightsError(f"{path}: cannot read safetensors header: {err}") from err
+
+
+def _unwrap(obj: object, origin: object) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: bare, or under 'model' / 'state_dict' / 'model_ema' as trainers save."""
+    for key in ("model", "state_dict", "model_ema", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj:
+        raise WeightsError(f"{origin}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise WeightsError(f"{origin}: no tensors found (top-level keys: {sorted(map(str, obj))[:10]})")
+    # DistributedDataParallel and torch.compile wrap every name in a prefix.
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in tensors):
+            tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+    return tensors
+
+
+def unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
+    return _unwrap(obj, "state dict")
+
+
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
+) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename; an old file stays intact on error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def config_metadata(architecture: str, config: dict) -> dict[str, str]:
+    return {"format": "pt", "allmlp.architecture": architecture, "allmlp.config": json.dumps(config)}
+
+
+def parse_config_metadata(metadata: dict[str, str]) -> tuple[str, dict] | None:
+    """(architecture, config) stored by `save_weights`, or None for a file that allmlp did not write."""
+    if "allmlp.architecture" not in metadata:
+        return None
+    try:
+        return metadata["allmlp.architecture"], json.loads(metadata["allmlp.config"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise WeightsError(f"allmlp metadata is damaged: {err}") from err
