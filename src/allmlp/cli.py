@@ -16,7 +16,7 @@ def _run_list(args: argparse.Namespace) -> None:
         rows.append((name, f"{params:,}", ", ".join(r.tag for r in entry.releases) or "none"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def _meta_model(name: str):

@@ -122,10 +122,7 @@ class MlpMixer(nn.Module):
         self.stem = PatchEmbed(patch_size, in_chans, hidden_dim)
         rates = linear_drop_path_rates(drop_path_rate, num_blocks)
         self.blocks = nn.Sequential(
-            *(
-                MixerBlock(self.num_tokens, hidden_dim, tokens_mlp_dim, channels_mlp_dim, gelu, rate)
-                for rate in rates
-            )
+            *(MixerBlock(self.num_tokens, hidden_dim, tokens_mlp_dim, channels_mlp_dim, gelu, rate) for rate in rates)
         )
         self.norm = nn.LayerNorm(hidden_dim, eps=LAYER_NORM_EPS)
         self.head_drop = nn.Dropout(drop_rate)

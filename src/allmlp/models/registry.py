@@ -36,9 +36,7 @@ class WeightRelease:
     source: str
     num_classes: int
     trained_on: str
-    top1: float | None = (
-        None  # ImageNet-1k top-1 as published, where the release is an ImageNet-1k classifier
-    )
+    top1: float | None = None  # ImageNet-1k top-1 as published, where the release is an ImageNet-1k classifier
 
 
 @dataclass(frozen=True)
@@ -51,9 +49,7 @@ class ModelEntry:
     paper: str = ""
 
 
-MIXER_PAPER = (
-    "Tolstikhin et al., MLP-Mixer: An all-MLP Architecture for Vision, NeurIPS 2021 (arXiv 2105.01601)"
-)
+MIXER_PAPER = "Tolstikhin et al., MLP-Mixer: An all-MLP Architecture for Vision, NeurIPS 2021 (arXiv 2105.01601)"
 OFFICIAL_MIXER_PREPROCESSING = Preprocessing(
     mean=(0.5, 0.5, 0.5),
     std=(0.5, 0.5, 0.5),

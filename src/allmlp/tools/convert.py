@@ -12,9 +12,7 @@ from ..weights import load_weights, read_state_dict, save_weights
 from ..weights.files import detect_format, parse_config_metadata
 
 
-def model_for_weights(
-    src: str | os.PathLike, model_name: str | None = None, gelu: str | None = None
-) -> nn.Module:
+def model_for_weights(src: str | os.PathLike, model_name: str | None = None, gelu: str | None = None) -> nn.Module:
     """A model built to fit the weights in `src`, with the weights loaded.
 
     Without `model_name` the architecture is read from allmlp metadata or inferred from the tensor shapes.

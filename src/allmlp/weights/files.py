@@ -113,9 +113,7 @@ def unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
     return _unwrap(obj, "state dict")
 
 
-def write_safetensors(
-    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
-) -> None:
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Write atomically: a temporary file in the same folder, then a rename; an old file stays intact on error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,5 @@ def convert_jax_mixer(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
             tensor = tensor.permute(3, 2, 0, 1) if tensor.ndim == 4 else tensor.T
         state_dict[f"{name}.{_PARAMS[param]}"] = tensor.contiguous()
     if unknown:
-        raise WeightsError(
-            f"official Mixer .npz holds arrays that belong to no Mixer parameter: {sorted(unknown)}"
-        )
+        raise WeightsError(f"official Mixer .npz holds arrays that belong to no Mixer parameter: {sorted(unknown)}")
     return state_dict
