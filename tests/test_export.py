@@ -1,0 +1,92 @@
+"""allmlp export: ONNX (checked with onnxruntime), TorchScript and ExportedProgram, all with a dynamic batch axis."""
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+import allmlp
+from allmlp.cli import main
+from allmlp.models.registry import REGISTRY
+from allmlp.tools import export as ex
+
+# One small model per family in the registry, built through the registry so the family's own code is exported.
+SMALL = {
+    "MlpMixer": (
+        "mixer_s16_224",
+        dict(img_size=(16, 24), patch_size=4, hidden_dim=16, num_blocks=2, tokens_mlp_dim=8, channels_mlp_dim=32),
+    ),
+}
+
+
+def small_model(architecture: str, num_classes: int = 7) -> torch.nn.Module:
+    name, overrides = SMALL[architecture]
+    torch.manual_seed(0)
+    model = allmlp.create_model(name, num_classes=num_classes, **overrides).eval()
+    with torch.no_grad():  # a zero head would make every output 0 and hide any difference
+        for param in model.parameters():
+            if param.ndim <= 1:
+                param.normal_(0.0, 0.2)
+        model.get_classifier().weight.normal_(0.0, 0.2)
+    return model
+
+
+def test_every_registered_family_has_a_small_export_config():
+    assert {entry.architecture.__name__ for entry in REGISTRY.values()} <= set(SMALL)
+
+
+@pytest.mark.parametrize("architecture", sorted(SMALL))
+def test_onnx_runs_in_onnxruntime_with_any_batch(tmp_path, architecture):
+    model = small_model(architecture)
+    check = ex.export(model, tmp_path / "model.onnx", "onnx")
+    assert check.max_abs_diff <= 1e-4 and check.path == tmp_path / "model.onnx"
+    session = onnxruntime.InferenceSession(str(check.path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].name == "pixels" and isinstance(session.get_inputs()[0].shape[0], str)
+    height, width = ex.input_size(model)
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, height, width)
+        got = session.run(None, {"pixels": x.numpy()})[0]
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert got.shape == (batch, 7)
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+@pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])
+def test_torch_formats_load_back_with_any_batch(tmp_path, fmt):
+    model = small_model("MlpMixer")
+    path = tmp_path / ("model.pt" if fmt == "torchscript" else "model.pt2")
+    ex.export(model, path, fmt)
+    loaded = torch.jit.load(str(path)) if fmt == "torchscript" else torch.export.load(str(path)).module()
+    x = torch.randn(4, 3, 16, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_wrong_export_is_refused_and_nothing_is_left(tmp_path, monkeypatch):
+    def off_by_a_little(model, example, path):
+        path.write_bytes(b"broken")
+        return lambda x: model(x).detach() + 1e-3
+
+    monkeypatch.setitem(ex._WRITERS, "torchscript", off_by_a_little)
+    with pytest.raises(ValueError, match="does not reproduce PyTorch: max abs difference 0.001"):
+        ex.export(small_model("MlpMixer"), tmp_path / "model.pt", "torchscript")
+    monkeypatch.setitem(ex._WRITERS, "torchscript", lambda model, example, path: lambda x: model(x[:1]).detach())
+    with pytest.raises(ValueError, match="the batch axis is not dynamic"):
+        ex.export(small_model("MlpMixer"), tmp_path / "model.pt", "torchscript")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_command_from_weights_and_bad_input(tmp_path, capsys):
+    model = small_model("MlpMixer").to(torch.bfloat16).train()
+    weights = allmlp.save_weights(model, tmp_path / "m.safetensors")
+    ex.export(model, tmp_path / "direct.pt2", "exported-program")
+    assert model.training and model.head.weight.dtype == torch.bfloat16  # the caller's model is left as it was
+    out = tmp_path / "out" / "m.pt2"
+    assert main(["export", "--weights", weights, "--format", "exported-program", "-o", str(out)]) == 0
+    assert "reproduces PyTorch" in capsys.readouterr().out and out.is_file()
+    assert main(["export", "--format", "onnx", "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "give --model NAME, --weights FILE, or both" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="format must be one of"):
+        ex.export(small_model("MlpMixer"), tmp_path / "m.tflite", "tflite")
