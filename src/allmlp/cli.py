@@ -83,7 +83,258 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_convert)
 
 
-COMMANDS = [_add_list, _add_info, _add_convert]
+def _run_fewshot(args: argparse.Namespace) -> None:
+    from .evaluate.fewshot import default_cache_dir, fewshot, format_results, save_report
+
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    report = fewshot(
+        args.model,
+        args.weights,
+        args.data,
+        args.shots,
+        args.seeds,
+        args.l2,
+        cache_dir,
+        args.batch_size,
+        args.device,
+        args.workers,
+        args.preset,
+    )
+    print(format_results(report))
+    if args.out:
+        save_report(report, args.out)
+
+
+def _add_fewshot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fewshot",
+        help="linear few-shot top-1 of frozen pre-logits (the MLP-Mixer paper's k-shot metric)",
+        description="Closed-form l2-regularised least squares to {-1, 1} targets on k images per class, mean +- std "
+        "top-1 over seeds. DATA is an ImageFolder tree: shots from train/, scored on val/ (or test/); a tree of "
+        "class folders alone is split, every fifth image of each class (sorted) being a test image. Features are "
+        "cached, so a rerun computes only new images.",
+    )
+    p.add_argument("--model", required=True, help="registered model name: its entry gives the preprocessing")
+    p.add_argument("--weights", required=True, help="weight file of any supported format")
+    p.add_argument("--data", required=True, help="ImageFolder directory")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25], help="images per class (default 1 5 10 25)")
+    p.add_argument("--seeds", type=int, default=5, help="draws of the shots, seeds 0..N-1 (default 5)")
+    p.add_argument("--l2", type=float, help="regulariser; default: chosen by leave-one-out on the shots")
+    p.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/allmlp/fewshot)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
+    p.add_argument("--out", help="also write the results as JSON to this file")
+    _add_inference_options(p)
+    p.set_defaults(run=_run_fewshot)
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--workers", type=int, help="image-decoding processes (default: min(4, CPUs); 0: in-process)")
+    p.add_argument(
+        "--preset",
+        choices=["resize", "resize_crop", "resmall_crop"],
+        help="eval resizing; default: the model entry's (plain resize for the official Mixer weights)",
+    )
+
+
+def _run_visualize(args: argparse.Namespace) -> None:
+    from .tools.inference import load_model
+    from .tools.visualize import visualize
+
+    for path in visualize(load_model(args.weights, args.model), args.out, args.blocks, args.run_dir):
+        print(f"wrote {path}")
+
+
+def _add_visualize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "visualize",
+        help="PNGs of token-mixing units, stem filters and training curves",
+        description="Token-mixing units (rows of W1 on the patch grid, as in the paper's Figure 5) of the chosen "
+        "blocks, the stem's patch filters as RGB tiles, and with --run the training curves of a run directory.",
+    )
+    p.add_argument("--weights", required=True, help="weight file of any supported format")
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.add_argument("--model", help="registered model name, for weight files that do not carry their config")
+    p.add_argument("--blocks", type=int, nargs="+", help="Mixer blocks whose token-mixing units to draw (default 0)")
+    p.add_argument("--run", dest="run_dir", help="run directory with metrics.jsonl (written by `allmlp train`)")
+    p.set_defaults(run=_run_visualize)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from .tools.predict import predict, print_predictions
+
+    records = predict(
+        args.inputs,
+        args.weights,
+        args.model,
+        args.topk,
+        args.labels,
+        args.batch_size,
+        args.device,
+        args.workers,
+        args.preset,
+    )
+    return print_predictions(records, args.json)
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="top-k classes of image files",
+        description="Top-k classes with names (ImageNet-1k names for 1000-class heads, --labels for others, numeric "
+        "ids otherwise) and softmax probabilities. An unreadable file is reported on stderr and the others go on; "
+        "the exit status is then 1.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and/or folders (recursive)")
+    p.add_argument("--model", required=True, help="registered model name: its entry gives the preprocessing")
+    p.add_argument("--weights", required=True, help="weight file of any supported format")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
+    p.add_argument("--labels", help="class names, one per line (or a .json list), for heads other than ImageNet-1k")
+    _add_inference_options(p)
+    p.set_defaults(run=_run_predict, batch_size=32)
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from .tools.predict import embed
+
+    written, failures = embed(
+        args.inputs, args.weights, args.model, args.output, args.batch_size, args.device, args.workers, args.preset
+    )
+    for path, reason in failures.items():
+        print(f"allmlp embed: cannot read {path}: {reason}", file=sys.stderr)
+    print(f"wrote {args.output}: pre-logits of {written} images")
+    return 1 if failures else 0
+
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="pre-logits of a set of images to .safetensors or .npy, with the image paths",
+        description="Writes the (N, D) pre-logits; .safetensors keeps the paths in its metadata ('paths', a JSON "
+        "list), .npy gets a sidecar .json with them. Unreadable files are reported and left out (exit status 1).",
+    )
+    p.add_argument("inputs", nargs="+", metavar="DATA", help="image files and/or folders (recursive)")
+    p.add_argument("--model", required=True, help="registered model name: its entry gives the preprocessing")
+    p.add_argument("--weights", required=True, help="weight file of any supported format")
+    p.add_argument("-o", "--output", required=True, help="OUT.safetensors or OUT.npy")
+    _add_inference_options(p)
+    p.set_defaults(run=_run_embed)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from .tools.export import export_weights
+
+    check = export_weights(args.model, args.weights, args.format, args.output)
+    print(
+        f"wrote {check.path} ({check.format}, dynamic batch): a batch of {check.check_batch} reproduces PyTorch, "
+        f"max abs difference {check.max_abs_diff:.2e}"
+    )
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export to ONNX, TorchScript or a torch.export program, with a dynamic batch axis",
+        description="The written file is loaded back (onnxruntime for ONNX), run on another batch size than the "
+        "traced one, and must reproduce PyTorch to 1e-4; only then is it moved to OUT.",
+    )
+    p.add_argument("--model", help="registered model name (needed unless --weights is an allmlp safetensors file)")
+    p.add_argument("--weights", help="weight file of any supported format (default: the fresh initialisation)")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "exported-program"])
+    p.add_argument("-o", "--output", required=True, help="destination file (.onnx, .pt, .pt2)")
+    p.set_defaults(run=_run_export)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from .train.commands import train_command
+
+    train_command(args.command, args.config, args.overrides, args.output, args.resume, args.weights)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from .train.commands import eval_command
+
+    eval_command(args.config, args.overrides, args.weights, args.output, args.real_json, args.split)
+
+
+def _recipe_parser(sub: argparse._SubParsersAction, command: str, help: str, description: str):
+    from .train.commands import DEFAULT_RECIPES
+    from .train.config import describe_fields, list_recipes
+
+    p = sub.add_parser(
+        command,
+        help=help,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"shipped recipes: {', '.join(list_recipes())}\n\n"
+        "config fields (set any of them as FIELD=VALUE; values are YAML: 0.001, [0.9, 0.95], null, true):\n"
+        + "\n".join(describe_fields()),
+    )
+    default = DEFAULT_RECIPES[command]
+    p.add_argument(
+        "--config",
+        help=f"recipe: a YAML file or a shipped recipe name (default: {default or 'none, defaults + overrides'})",
+    )
+    p.add_argument("--output", help="run directory (default: runs/RECIPE-DATE-TIME)")
+    p.add_argument("--weights", help="weight file of any format allmlp.load_weights reads (= model.weights=FILE)")
+    p.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="override a config field by its dotted path")
+    return p
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = _recipe_parser(
+        sub,
+        "train",
+        "train a model from a recipe (no arguments: the demo, a small Mixer on bundled MNIST)",
+        "Train from a YAML recipe with dotted-path overrides. The run directory gets config.yaml, metrics.jsonl, "
+        "TensorBoard events, loss/lr/accuracy PNGs, checkpoints/ and summary.json. Several processes: "
+        "`torchrun --nproc_per_node N -m allmlp train ...` (DDP; NCCL on GPUs, gloo on CPUs).",
+    )
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly from its last checkpoint")
+    p.set_defaults(run=_run_train)
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = _recipe_parser(
+        sub,
+        "finetune",
+        "fine-tune any weights on new classes (zero-initialised new head)",
+        "Load --weights (any supported format), replace the classifier by a zero-initialised one for the data's "
+        "classes and train with the fine-tuning recipe (default: the authors' Mixer recipe on an ImageFolder "
+        "tree; set data.root=DIR).",
+    )
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly from its last checkpoint")
+    p.set_defaults(run=_run_train)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = _recipe_parser(
+        sub,
+        "eval",
+        "top-1 / top-5 / per-class accuracy (and ImageNet ReaL) of weights on a dataset",
+        "Evaluate model.name with --weights on the data section's dataset, preprocessed by data.eval_preset. "
+        "--output DIR writes eval.json.",
+    )
+    p.add_argument("--real-json", help="ReaL labels (real.json) for ImageNet validation files: adds ReaL top-1")
+    p.add_argument("--split", choices=["val", "train"], default="val", help="which split to evaluate (default val)")
+    p.set_defaults(run=_run_eval)
+
+
+COMMANDS = [
+    _add_list,
+    _add_info,
+    _add_convert,
+    _add_fewshot,
+    _add_visualize,
+    _add_predict,
+    _add_embed,
+    _add_export,
+    _add_train,
+    _add_finetune,
+    _add_eval,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
