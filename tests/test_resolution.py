@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import allmlp
+from allmlp.tools.resolution import load_weights_adapted
 
 BASE = (16, 24)  # non-square on purpose: a 4 x 6 token grid with 4-pixel patches
 
@@ -159,3 +160,30 @@ def test_registry_model_roundtrip_through_safetensors(tmp_path):
     path = allmlp.save_weights(adapted, tmp_path / "m448.safetensors")
     rebuilt = allmlp.create_model(path)
     assert rebuilt.img_size == (448, 448) and rebuilt.config["tokens_mlp_dim"] == 4 * 256
+
+
+def test_load_weights_adapted_fine_tunes_at_another_size(tmp_path):
+    small = tiny_mixer(img_size=16, num_classes=5)
+    path = allmlp.save_weights(small, tmp_path / "m16.safetensors")
+    for source in (path, small.state_dict()):  # the file records its size; a bare state dict has a square grid
+        model = allmlp.MlpMixer(**{**small.config, "img_size": 32})
+        adapted = load_weights_adapted(model, source)
+        assert adapted.img_size == (32, 32) and adapted.config["tokens_mlp_dim"] == 4 * 8
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            expected = torch.stack([small(part) for part in parts(x, (16, 16))]).mean(0)
+            torch.testing.assert_close(adapted.eval()(x), expected, atol=1e-5, rtol=1e-5)
+
+    new_head = load_weights_adapted(allmlp.MlpMixer(**{**small.config, "img_size": 24, "num_classes": 3}), path,
+                                    reset_head=True)  # fmt: skip
+    assert new_head.num_tokens == 36 and new_head.head.weight.shape == (3, 16) and new_head.head.weight.abs().sum() == 0
+    same = allmlp.MlpMixer(**small.config)
+    assert load_weights_adapted(same, path) is same
+
+
+def test_load_weights_adapted_non_square_state_dict_and_other_models():
+    wide = tiny_mixer()  # 4 x 6 tokens, saved without its config
+    with pytest.raises(ValueError, match="24 tokens, not a square grid"):
+        load_weights_adapted(tiny_mixer(img_size=32), wide.state_dict())
+    linear = torch.nn.Linear(2, 2)
+    assert load_weights_adapted(linear, torch.nn.Linear(2, 2).state_dict()) is linear

@@ -10,11 +10,16 @@ are resampled over the 2-D token grid instead, which only approximates the origi
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..models.layers import to_pair
 from ..models.mixer import MlpMixer
+from ..weights import load_weights, read_config, read_state_dict
 
 METHODS = ("auto", "block_diagonal", "resample")
 
@@ -67,6 +72,40 @@ def adapt_resolution(model: MlpMixer, img_size: int | tuple[int, int], method: s
     adapted.train(model.training)
     adapted.set_grad_checkpointing(model.grad_checkpointing)
     return adapted
+
+
+def load_weights_adapted(
+    model: nn.Module, source: str | os.PathLike | Mapping, *, reset_head: bool = False
+) -> nn.Module:
+    """`allmlp.load_weights`, except that Mixer weights made for another input size are loaded into a twin of
+    `model` at their size and then adapted to `model`'s size with `adapt_resolution` (fine-tuning at 448 from a
+    224 checkpoint). Returns the model to use: `model` itself, or the adapted new one (whose tokens_mlp_dim is
+    then K_h K_w times the checkpoint's for an integer factor)."""
+    if not isinstance(model, MlpMixer):
+        return load_weights(model, source, reset_head=reset_head)
+    state_dict, _ = read_state_dict(source)
+    fc1 = state_dict.get("blocks.0.mlp_tokens.fc1.weight")
+    if fc1 is None or fc1.shape[1] == model.num_tokens:
+        return load_weights(model, state_dict, reset_head=reset_head)
+    twin = MlpMixer(**{**model.config, "img_size": _checkpoint_img_size(source, model, fc1.shape[1]),
+                       "tokens_mlp_dim": fc1.shape[0]})  # fmt: skip
+    twin = twin.to(device=model.norm.weight.device, dtype=model.norm.weight.dtype)
+    load_weights(twin, state_dict, reset_head=reset_head)
+    return adapt_resolution(twin, model.img_size)
+
+
+def _checkpoint_img_size(source: str | os.PathLike | Mapping, model: MlpMixer, num_tokens: int) -> tuple[int, int]:
+    """The input size the weights were made for: from an allmlp file's config, else a square token grid."""
+    stored = None if isinstance(source, Mapping) else read_config(source)
+    if stored is not None:
+        return to_pair(stored[1]["img_size"], "img_size")
+    side = round(num_tokens**0.5)
+    if side * side != num_tokens:
+        raise ValueError(
+            f"the checkpoint's token mixing has {num_tokens} tokens, not a square grid; save it with "
+            f"allmlp.save_weights (which records its img_size) or adapt it with allmlp.adapt_resolution"
+        )
+    return side * model.patch_size[0], side * model.patch_size[1]
 
 
 def _part_index(old_grid: tuple[int, int], factors: tuple[int, int], device: torch.device) -> torch.Tensor:
