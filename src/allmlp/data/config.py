@@ -1,0 +1,118 @@
+"""The `data` section of a recipe: which dataset, how to augment it, how to evaluate it. Checked on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .transforms import EVAL_PRESETS
+
+KINDS = ("demo", "imagefolder", "cifar10", "cifar100", "webdataset")
+# torchvision's RandAugment draws magnitudes from 31 bins: 0 (identity) .. 30 (strongest)
+MAX_RANDAUGMENT_MAGNITUDE = 30
+
+
+@dataclass
+class DataConfig:
+    """Dataset and augmentation settings. Paths are checked when the loaders are built, not here, so that a recipe
+    naming a dataset that lives on another machine can still be read, printed and overridden."""
+
+    kind: str = "demo"
+    root: str | None = None  # imagefolder: holds train/ and val/; cifar: holds cifar-10-batches-py/ or the .tar.gz
+    train_split: str = "train"  # imagefolder subfolder names
+    val_split: str = "val"
+    train_shards: str | None = None  # webdataset: brace patterns such as "shards/train-{000000..000146}.tar"
+    val_shards: str | None = None
+    num_classes: int | None = None  # webdataset: counted from the train shards' .cls files when not given
+    train_samples: int | None = None  # webdataset: counted from the train shards when not given
+    shuffle_buffer: int = 1000  # webdataset: samples held for shuffling in each stream
+    num_workers: int = 2
+    # train augmentation
+    inception_crop: bool = False
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: bool = False
+    shift_pixels: int = 0
+    randaugment_layers: int = 0
+    randaugment_magnitude: int = 9
+    random_erasing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    # evaluation
+    eval_preset: str = "resize"
+    crop_pct: float | None = None
+    max_bad_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        _choice(self, "kind", KINDS)
+        _choice(self, "eval_preset", EVAL_PRESETS)
+        for name in ("root", "train_shards", "val_shards"):
+            _optional_str(self, name)
+        for name in ("train_split", "val_split"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                _fail(name, "a non-empty folder name", getattr(self, name))
+        for name in ("inception_crop", "hflip"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, "true or false", getattr(self, name))
+        _int(self, "num_workers", 0)
+        _int(self, "shift_pixels", 0)
+        _int(self, "randaugment_layers", 0)
+        _int(self, "randaugment_magnitude", 0, MAX_RANDAUGMENT_MAGNITUDE)
+        _int(self, "shuffle_buffer", 1)
+        _int(self, "num_classes", 1, optional=True)
+        _int(self, "train_samples", 1, optional=True)
+        for name in ("random_erasing", "mix_prob", "max_bad_fraction"):
+            _number(self, name, 0.0, 1.0)
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            _number(self, name, 0.0, None)
+        if self.crop_pct is not None:
+            _number(self, "crop_pct", 0.0, 1.0)
+            if self.crop_pct == 0.0:
+                _fail("crop_pct", "a number in (0, 1] or null", self.crop_pct)
+        scale = self.crop_scale
+        if not (
+            isinstance(scale, list | tuple)
+            and len(scale) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in scale)
+            and 0.0 < scale[0] <= scale[1] <= 1.0
+        ):
+            _fail("crop_scale", "[min, max] area fractions with 0 < min <= max <= 1", scale)
+        self.crop_scale = (float(scale[0]), float(scale[1]))
+
+    @property
+    def per_sample_augmentation(self) -> bool:
+        """Photometric augmentations are per-image torchvision ops, so they run in loader workers for every kind."""
+        return self.randaugment_layers > 0 or self.random_erasing > 0.0
+
+
+def _fail(name: str, expected: str, got: object) -> None:
+    raise ValueError(f"data.{name} must be {expected}, got {got!r}")
+
+
+def _choice(cfg: DataConfig, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(cfg, name) not in choices:
+        _fail(name, f"one of {', '.join(choices)}", getattr(cfg, name))
+
+
+def _optional_str(cfg: DataConfig, name: str) -> None:
+    value = getattr(cfg, name)
+    if value is not None and (not isinstance(value, str) or not value):
+        _fail(name, "a non-empty path or null", value)
+
+
+def _int(cfg: DataConfig, name: str, low: int, high: int | None = None, optional: bool = False) -> None:
+    value = getattr(cfg, name)
+    if optional and value is None:
+        return
+    in_range = isinstance(value, int) and not isinstance(value, bool) and low <= value <= (high or value)
+    if not in_range:
+        bound = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+        _fail(name, bound + (" or null" if optional else ""), value)
+
+
+def _number(cfg: DataConfig, name: str, low: float, high: float | None) -> None:
+    value = getattr(cfg, name)
+    is_number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not (is_number and low <= value <= (high if high is not None else value)):
+        _fail(name, f"a number in [{low}, {high}]" if high is not None else f"a number >= {low}", value)
+    setattr(cfg, name, float(value))
