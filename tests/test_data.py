@@ -252,6 +252,15 @@ def test_ranks_split_the_global_batch_exactly():
         assert torch.equal(torch.cat([r[j][1] for r in ranks]), targets)
 
 
+def test_in_memory_batches_on_a_device():
+    cpu = build(DataConfig(shift_pixels=1, inception_crop=True), device="cpu")
+    default = build(DataConfig(shift_pixels=1, inception_crop=True))
+    assert equal_batches(
+        list(itertools.islice(cpu.train.batches(0), 2)), list(itertools.islice(default.train.batches(0), 2))
+    )
+    assert next(iter(cpu.val))[0].device.type == "cpu"
+
+
 def test_eval_ranks_are_disjoint_and_cover_the_set(tmp_path):
     values = write_image_folder(tmp_path, val_counts=(3, 4, 2))
     val_values = {v for p, v in values.items() if "/val/" in p}

@@ -83,11 +83,14 @@ class BatchAugment:
         return torch.stack([left, top, left + crop_w, top + crop_h], dim=1)
 
     def __call__(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Augment on the images' device (parameters are drawn on the CPU, so every device sees the same ones)."""
+        device = images.device
+        params = {name: value.to(device) for name, value in params.items()}
         if images.shape[1] == 3 and self.in_chans == 1:
             images = TF.rgb_to_grayscale(images)
         images = images.float().expand(-1, self.in_chans, -1, -1)
         if "box" in params:
-            boxes = torch.cat([torch.arange(len(images)).unsqueeze(1).float(), params["box"]], dim=1)
+            boxes = torch.cat([torch.arange(len(images), device=device).unsqueeze(1).float(), params["box"]], dim=1)
             images = roi_align(images, boxes, self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         elif tuple(images.shape[-2:]) != self.size:
             images = F.interpolate(images, self.size, mode=self.interpolation, antialias=True, align_corners=False)
@@ -96,7 +99,7 @@ class BatchAugment:
             images = _translate(images, params["shift"], self.shift_pixels)
         if "flip" in params:
             images = torch.where(params["flip"].view(-1, 1, 1, 1), images.flip(-1), images)
-        return (images - self.mean) / self.std
+        return (images - self.mean.to(device)) / self.std.to(device)
 
 
 def _translate(images: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tensor:
@@ -104,8 +107,8 @@ def _translate(images: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.T
     One gather over flattened planes (several times faster than 4-D advanced indexing)."""
     n, channels, height, width = images.shape
     padded = F.pad(images, (pad, pad, pad, pad)).flatten(2)
-    rows = (offsets[:, 0:1] + torch.arange(height)).view(n, height, 1)
-    cols = (offsets[:, 1:2] + torch.arange(width)).view(n, 1, width)
+    rows = (offsets[:, 0:1] + torch.arange(height, device=images.device)).view(n, height, 1)
+    cols = (offsets[:, 1:2] + torch.arange(width, device=images.device)).view(n, 1, width)
     index = (rows * (width + 2 * pad) + cols).view(n, 1, height * width).expand(n, channels, height * width)
     return padded.gather(2, index).view(n, channels, height, width)
 

@@ -36,6 +36,11 @@ class TensorImages:
     def describe(self, index: int) -> str:
         return f"{self.name}[{index}]"
 
+    def to(self, device: str | torch.device | None) -> TensorImages:
+        if device is None:
+            return self
+        return TensorImages(self.images.to(device), self.targets.to(device), self.class_names, self.name)
+
 
 @dataclass
 class ImageFiles:
@@ -144,6 +149,11 @@ class Batch:
     images: torch.Tensor | None  # None when every image of the batch was unreadable
     targets: torch.Tensor | None
     skipped: list[Unreadable]
+
+    def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True) on CUDA machines
+        if self.images is None:
+            return self
+        return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.skipped)
 
 
 class SampleDataset(torch.utils.data.Dataset):

@@ -310,12 +310,16 @@ def build_loaders(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    device: str | torch.device | None = None,
 ) -> Loaders:
     """Train stream, validation loader and MixUp/CutMix for one rank; batch sizes are per rank. Every path, split
-    and size is checked here, before any training work."""
+    and size is checked here, before any training work. In-memory datasets (demo, CIFAR) without per-image
+    augmentation are held and augmented on `device` (default CPU), where whole-batch crops cost little next to the
+    model; other batches come on the CPU."""
     _check_run(in_chans, batch_size, eval_batch_size, rank, world_size)
     common = dict(batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
     global_batch = batch_size * world_size
+    share = f" (the share of rank {rank})" if world_size > 1 else ""  # the threshold applies to what a rank reads
     if cfg.kind == "webdataset":
         shards, num_samples, num_classes = _shard_facts(cfg)
         streams = world_size * max(1, cfg.num_workers)
@@ -326,12 +330,12 @@ def build_loaders(
             )
         class_names = [str(i) for i in range(num_classes)]
         make_stream = _shard_train_factory(cfg, shards, img_size, in_chans, preprocessing, num_classes, common)
-        log = SkipLog(f"train shards {cfg.train_shards}", num_samples, cfg.max_bad_fraction)
+        log = SkipLog(f"train shards {cfg.train_shards}{share}", num_samples // world_size, cfg.max_bad_fraction)
         train = ShardTrainLoader(shards, num_samples, make_stream, cfg.num_workers, skip_log=log, **common)
     else:
         source = _source(cfg, True, in_chans)
         num_samples, class_names = len(source), source.class_names
-        log = SkipLog(f"the {cfg.kind} train split", num_samples, cfg.max_bad_fraction)
+        log = SkipLog(f"the {cfg.kind} train split{share}", num_samples // world_size, cfg.max_bad_fraction)
         if isinstance(source, TensorImages) and not cfg.per_sample_augmentation:
             augment = BatchAugment(
                 preprocessing,
@@ -343,7 +347,7 @@ def build_loaders(
                 shift_pixels=cfg.shift_pixels,
                 hflip=cfg.hflip,
             )
-            train = TensorTrainStream(source, augment, skip_log=log, **common)
+            train = TensorTrainStream(source.to(device), augment, skip_log=log, **common)
         else:
             dataset = SampleDataset(source, _train_transform(cfg, img_size, in_chans, preprocessing))
             train = SampleTrainStream(dataset, cfg.num_workers, skip_log=log, **common)
@@ -362,6 +366,7 @@ def build_loaders(
         rank=rank,
         world_size=world_size,
         class_names=class_names,
+        device=device,
     )
     mix = None
     if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
@@ -414,6 +419,7 @@ def build_eval_loader(
     rank: int = 0,
     world_size: int = 1,
     class_names: list[str] | None = None,
+    device: str | torch.device | None = None,
 ) -> EvalLoader:
     """Evaluation batches of split "val" (ImageFolder val_split, CIFAR test, the demo's held-out images, val_shards)
     or "train", preprocessed by cfg.eval_preset. class_names (from the train split) fix the class order where the
@@ -446,6 +452,7 @@ def build_eval_loader(
     indices = eval_indices(len(source), rank, world_size)
     log = SkipLog(f"the {cfg.kind} {split} split", len(indices), cfg.max_bad_fraction)
     if isinstance(source, TensorImages):
+        source = source.to(device)
 
         def tensor_batches() -> Iterator[Batch]:
             for first in range(0, len(indices), batch_size):
