@@ -45,7 +45,7 @@ from .sampling import (
     rank_slice,
 )
 from .transforms import build_eval_transform, build_train_transform
-from .webdataset import ShardEvalStream, ShardTrainStream, scan_shards, shard_paths
+from .webdataset import ShardEvalDataset, ShardTrainDataset, scan_shards, shard_paths
 
 Images = tuple[torch.Tensor, torch.Tensor]
 
@@ -176,7 +176,7 @@ class SampleTrainStream(TrainStream):
             yield _checked(batch, self.skip_log, f"epoch {epoch} batch {j}")
 
 
-class ShardTrainLoader(TrainStream):
+class ShardTrainStream(TrainStream):
     """WebDataset shards streamed by the workers (see webdataset.py for how streams and batches are formed)."""
 
     def __init__(self, shards: list[str], num_samples: int, make_stream: Callable, num_workers: int, **kwargs):
@@ -331,7 +331,7 @@ def build_loaders(
         class_names = [str(i) for i in range(num_classes)]
         make_stream = _shard_train_factory(cfg, shards, img_size, in_chans, preprocessing, num_classes, common)
         log = SkipLog(f"train shards {cfg.train_shards}{share}", num_samples // world_size, cfg.max_bad_fraction)
-        train = ShardTrainLoader(shards, num_samples, make_stream, cfg.num_workers, skip_log=log, **common)
+        train = ShardTrainStream(shards, num_samples, make_stream, cfg.num_workers, skip_log=log, **common)
     else:
         source = _source(cfg, True, in_chans)
         num_samples, class_names = len(source), source.class_names
@@ -392,8 +392,8 @@ def _train_transform(cfg: DataConfig, img_size, in_chans: int, preprocessing: Pr
 def _shard_train_factory(cfg, shards, img_size, in_chans, preprocessing, num_classes, common) -> Callable:
     transform = _train_transform(cfg, img_size, in_chans, preprocessing)
 
-    def make_stream(epoch: int, start: int, num_batches: int) -> ShardTrainStream:
-        return ShardTrainStream(
+    def make_stream(epoch: int, start: int, num_batches: int) -> ShardTrainDataset:
+        return ShardTrainDataset(
             shards,
             transform=transform,
             in_chans=in_chans,
@@ -433,7 +433,7 @@ def build_eval_loader(
         shards = _shards(cfg, field)
         if class_names is None:
             class_names = [str(i) for i in range(_shard_facts(cfg)[2])]
-        stream = ShardEvalStream(
+        stream = ShardEvalDataset(
             shards,
             transform=transform,
             in_chans=in_chans,

@@ -141,7 +141,7 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-class ShardTrainStream(torch.utils.data.IterableDataset):
+class ShardTrainDataset(torch.utils.data.IterableDataset):
     """Batches of one epoch for one rank, starting at batch `start` (see the module docstring)."""
 
     def __init__(
@@ -213,7 +213,7 @@ class ShardTrainStream(torch.utils.data.IterableDataset):
                 raise ValueError(f"webdataset shards {shards} hold no samples")
 
 
-class ShardEvalStream(torch.utils.data.IterableDataset):
+class ShardEvalDataset(torch.utils.data.IterableDataset):
     """Every sample of the shards once: shard i goes to stream i % (world_size * workers); batches in file order."""
 
     def __init__(
