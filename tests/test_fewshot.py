@@ -75,6 +75,11 @@ def test_chosen_l2_regularises_noisy_features_more():
     assert l2_noisy > l2_clean
 
 
+def test_one_shot_uses_the_fixed_l2():
+    features, labels = clusters(num_classes=5, per_class=1, dim=30, spread=1.0, seed=5)
+    assert fs.fit_linear_probe(features, labels, 5)[1] == fs.ONE_SHOT_L2
+
+
 def test_probe_classifies_separable_clusters():
     features, labels = clusters(num_classes=6, per_class=5, dim=20, spread=0.5, seed=4)
     test, test_labels = clusters(num_classes=6, per_class=10, dim=20, spread=0.5, seed=4)

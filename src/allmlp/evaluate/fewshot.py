@@ -4,8 +4,8 @@ Frozen pre-logits of k images per class are regressed onto {-1, 1} one-vs-rest t
 l2-regularised least squares; test images are classified by the argmax of the scores. Features are standardised
 with the support set's mean and standard deviation and the bias is not regularised (it is the mean target, as
 for ridge regression with an intercept). The regulariser is given, or chosen from `L2_GRID` by closed-form
-leave-one-out on the support set: the fewest leave-one-out errors, ties broken by the leave-one-out squared
-error (with 1 shot a left-out image has no other example of its class, so only the squared error tells).
+leave-one-out on the support set (the fewest leave-one-out errors, ties broken by the leave-one-out squared
+error); with 1 shot per class, where nothing can be held out, it is `ONE_SHOT_L2`.
 
 Data: an ImageFolder tree. With train/ and val/ (or test/) subfolders, shots are drawn from train/ and the
 probe is scored on val/ (test/ where there is no val/). A tree of class folders alone is split: every fifth
@@ -32,6 +32,10 @@ from ..tools.inference import eval_transform, forward_images, load_model, resolv
 from ..weights.files import write_safetensors
 
 L2_GRID = tuple(2.0**i for i in range(-10, 20))
+# With one shot per class nothing can be held out: a left-out image has no other example of its class, and the
+# leave-one-out squared error then just rewards shrinking every score to the mean. A small l2 on standardised
+# features (close to the minimum-norm fit) is used instead.
+ONE_SHOT_L2 = 1.0
 TEST_EVERY = 5  # flat trees: every fifth image of a class is a test image
 
 
@@ -89,9 +93,12 @@ class _System:
 def fit_linear_probe(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float | None = None
 ) -> tuple[LinearProbe, float]:
-    """(probe, l2 used): least squares to {-1, 1} targets; l2 chosen by leave-one-out on the support set if None."""
+    """(probe, l2 used): least squares to {-1, 1} targets; l2 chosen by leave-one-out on the support set if None
+    (`ONE_SHOT_L2` when no class has two examples)."""
     system = _System(features, labels, num_classes)
-    if l2 is None:
+    if l2 is None and int(torch.bincount(labels.long()).max()) < 2:
+        l2 = ONE_SHOT_L2
+    elif l2 is None:
         l2 = min(L2_GRID, key=system.leave_one_out)  # tuples compare errors first, then the squared error
     elif not l2 > 0:
         raise ValueError(f"l2 must be > 0, got {l2}")
