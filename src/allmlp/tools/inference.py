@@ -14,18 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..data.datasets import IMAGE_EXTENSIONS, UNREADABLE_ERRORS, read_image
 from ..data.transforms import build_eval_transform
 from ..models.layers import to_pair
 from ..models.registry import create_model, get_entry
 from ..weights import read_config
 from .convert import model_for_weights
-
-IMAGE_SUFFIXES = frozenset(IMG_EXTENSIONS)
 
 
 def resolve_device(device: str | None) -> str:
@@ -83,28 +80,29 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
         else:
             found.append(item)
     if not found:
-        raise ValueError(f"no image files found in {', '.join(map(str, inputs))} (suffixes: {sorted(IMAGE_SUFFIXES)})")
+        raise ValueError(
+            f"no image files found in {', '.join(map(str, inputs))} (suffixes: {', '.join(IMAGE_EXTENSIONS)})"
+        )
     return found
 
 
-class ImageFiles(Dataset):
+class _ReadImages(Dataset):
     """(index, pixels, None) per readable image, (index, None, reason) for one that cannot be read."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike], transform: Callable):
-        self.paths, self.transform = list(paths), transform
+    def __init__(self, paths: Sequence[str | os.PathLike], transform: Callable, in_chans: int):
+        self.paths, self.transform, self.in_chans = list(paths), transform, in_chans
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            with Image.open(self.paths[index]) as image:
-                pixels = self.transform(image.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError) as err:  # missing, truncated, not an image
+            pixels = self.transform(read_image(self.paths[index], self.in_chans))
+        except UNREADABLE_ERRORS as err:  # missing, truncated, not an image at all
             return index, None, f"{type(err).__name__}: {err}"
         return index, pixels, None
 
@@ -141,9 +139,8 @@ def forward_images(
         num_workers = min(4, os.cpu_count() or 1)
     model.eval()
     dtype = next(model.parameters()).dtype
-    loader = DataLoader(
-        ImageFiles(paths, transform), batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_as_list
-    )
+    images = _ReadImages(paths, transform, model.config.get("in_chans", 3))
+    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_as_list)
     outputs, indices, failures = [], [], {}
     for batch in loader:
         failures.update({index: reason for index, pixels, reason in batch if pixels is None})
