@@ -1,13 +1,15 @@
 """allmlp: all-MLP vision models (MLP-Mixer, CycleMLP, Vision Permutator) with their published weights."""
 
-from .models import MlpMixer, create_model, get_entry, list_models
+from .models import CycleMLP, MlpMixer, VisionPermutator, create_model, get_entry, list_models
 from .tools.resolution import adapt_resolution
 from .weights import WeightsError, load_weights, save_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CycleMLP",
     "MlpMixer",
+    "VisionPermutator",
     "WeightsError",
     "adapt_resolution",
     "create_model",

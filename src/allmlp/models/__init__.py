@@ -1,11 +1,15 @@
+from .cyclemlp import CycleMLP
 from .mixer import MlpMixer
 from .registry import REGISTRY, ModelEntry, Preprocessing, WeightRelease, create_model, get_entry, list_models
+from .vip import VisionPermutator
 
 __all__ = [
     "REGISTRY",
+    "CycleMLP",
     "MlpMixer",
     "ModelEntry",
     "Preprocessing",
+    "VisionPermutator",
     "WeightRelease",
     "create_model",
     "get_entry",

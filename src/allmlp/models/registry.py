@@ -13,8 +13,12 @@ from pathlib import Path
 from torch import nn
 
 from ..weights import WeightsError, load_weights, read_config, read_state_dict
+from .cyclemlp import CONFIGS as CYCLEMLP_CONFIGS
+from .cyclemlp import CycleMLP
 from .mixer import CONFIGS as MIXER_CONFIGS
 from .mixer import MlpMixer
+from .vip import CONFIGS as VIP_CONFIGS
+from .vip import VisionPermutator
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,78 @@ REGISTRY: dict[str, ModelEntry] = {
     for variant, config in MIXER_CONFIGS.items()
 }
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"MlpMixer": MlpMixer}
+CYCLEMLP_PAPER = "Chen et al., CycleMLP: A MLP-like Architecture for Dense Prediction, ICLR 2022 (arXiv 2107.10224)"
+VIP_PAPER = (
+    "Hou et al., Vision Permutator: A Permutable MLP-Like Architecture for Visual Recognition, TPAMI 2022 "
+    "(arXiv 2106.12368)"
+)
+
+
+def _imagenet_preprocessing(crop_pct: float, note: str) -> Preprocessing:
+    return Preprocessing(
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic", crop_pct=crop_pct, note=note
+    )
+
+
+# The authors' ImageNet-1k checkpoints (training checkpoints: the state dict under "model"), published top-1.
+_CYCLEMLP_TOP1 = {"b1": 78.9, "b2": 81.6, "b3": 82.4, "b4": 83.0, "b5": 83.2}
+_VIP_RELEASES = {  # Google Drive file ids from the README of houqb/VisionPermutator
+    "s7": ("1cX6eauDrsGsLSZnqsX7cl0oiKX8Dzv5z", 81.5, 0.9),
+    "m7": ("15y5WMypthpbBFdc01E3mJCZit7q0Yn8m", 82.7, 0.9),
+    "l7": ("14F5IXGXmB_3jrwK33Efae-WEb5D_G85c", 83.2, 0.875),
+}
+REGISTRY.update(
+    {
+        f"cyclemlp_{variant}": ModelEntry(
+            name=f"cyclemlp_{variant}",
+            architecture=CycleMLP,
+            config=dict(img_size=224, num_classes=1000, **config),
+            preprocessing=_imagenet_preprocessing(
+                0.875, "DeiT evaluation: shorter side to 256 (bicubic), centre crop 224"
+            ),
+            releases=(
+                WeightRelease(
+                    "imagenet1k",
+                    f"https://github.com/ShoufaChen/CycleMLP/releases/download/v0.1/CycleMLP_{variant.upper()}.pth",
+                    1000,
+                    _IN1K,
+                    _CYCLEMLP_TOP1[variant],
+                ),
+            ),
+            paper=CYCLEMLP_PAPER,
+        )
+        for variant, config in CYCLEMLP_CONFIGS.items()
+    }
+)
+REGISTRY.update(
+    {
+        f"vip_{variant}": ModelEntry(
+            name=f"vip_{variant}",
+            architecture=VisionPermutator,
+            config=dict(img_size=224, num_classes=1000, **config),
+            preprocessing=_imagenet_preprocessing(
+                _VIP_RELEASES[variant][2], f"timm evaluation: bicubic, crop_pct {_VIP_RELEASES[variant][2]}"
+            ),
+            releases=(
+                WeightRelease(
+                    "imagenet1k",
+                    f"https://drive.google.com/file/d/{_VIP_RELEASES[variant][0]}/view (houqb/VisionPermutator README)",
+                    1000,
+                    _IN1K,
+                    _VIP_RELEASES[variant][1],
+                ),
+            ),
+            paper=VIP_PAPER,
+        )
+        for variant, config in VIP_CONFIGS.items()
+    }
+)
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "MlpMixer": MlpMixer,
+    "CycleMLP": CycleMLP,
+    "VisionPermutator": VisionPermutator,
+}
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .authors import drop_cycle_offsets, has_cycle_offsets
 from .files import (
     WeightsError,
     config_metadata,
@@ -30,6 +31,7 @@ __all__ = ["WeightsError", "load_weights", "read_state_dict", "save_weights"]
 # (detect by key names, convert to allmlp names) for each foreign naming scheme.
 FOREIGN_FORMATS: list[tuple[Callable[[list[str]], bool], Callable[[dict], dict[str, torch.Tensor]]]] = [
     (is_jax_mixer, convert_jax_mixer),
+    (has_cycle_offsets, drop_cycle_offsets),
 ]
 
 HEAD_KEYS = ("head.weight", "head.bias")

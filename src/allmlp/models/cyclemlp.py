@@ -1,0 +1,241 @@
+"""CycleMLP (Chen et al., ICLR 2022, arXiv 2107.10224), exact to the authors' code (ShoufaChen/CycleMLP).
+
+The token mixer mixes each token with neighbours along height and width through Cycle FC: a channel-wise linear
+map whose input channel i is read at a position shifted by a "cycle" pattern over channels (for pseudo-kernel
+1x3: 0, +1, -1, 0, +1, -1, ... along the width). The authors evaluate it with torchvision's deform_conv2d and
+constant offsets; here it is an integer shift with zero fill followed by a linear map over channels, which is
+the same function (the shifted values are bit-identical), several times faster, and exportable to ONNX.
+The block, split attention, downsampling and model scaffolding are ViP's, which CycleMLP's code extends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .vip import (
+    LAYER_NORM_EPS,
+    Downsample,
+    PatchEmbed,
+    PermutatorBlock,
+    Reweight,
+    StagedMLP,
+    check_stage_lists,
+    init_trunc_normal_,
+    split_attention,
+)
+
+# The authors' CycleMLP_B1 ... CycleMLP_B5 constructors (patch embedding 7x7, stride 4).
+CONFIGS = {
+    "b1": dict(layers=[2, 2, 4, 2], embed_dims=[64, 128, 320, 512], mlp_ratios=[4, 4, 4, 4], transitions=[True] * 4),
+    "b2": dict(layers=[2, 3, 10, 3], embed_dims=[64, 128, 320, 512], mlp_ratios=[4, 4, 4, 4], transitions=[True] * 4),
+    "b3": dict(layers=[3, 4, 18, 3], embed_dims=[64, 128, 320, 512], mlp_ratios=[8, 8, 4, 4], transitions=[True] * 4),
+    "b4": dict(layers=[3, 8, 27, 3], embed_dims=[64, 128, 320, 512], mlp_ratios=[8, 8, 4, 4], transitions=[True] * 4),
+    "b5": dict(layers=[3, 4, 24, 3], embed_dims=[96, 192, 384, 768], mlp_ratios=[4, 4, 4, 4], transitions=[True] * 4),
+}
+
+
+def cycle_shifts(channels: int, kernel_size: int) -> list[int]:
+    """The offset of each input channel along Cycle FC's axis: ((i + k // 2) mod k) - k // 2.
+
+    For k = 3: 0, +1, -1, 0, +1, -1, ...; for k = 7: 0, 1, 2, 3, -3, -2, -1, ... (the authors' gen_offset).
+    """
+    half = kernel_size // 2
+    return [(i + half) % kernel_size - half for i in range(channels)]
+
+
+def cycle_shift(x: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
+    """Channels-last x (B, H, W, C) with channel i read at its cycle offset; zero where that falls outside.
+
+    Channel i has the offset of residue i mod k, so each residue is one strided channel slice copied at one
+    offset: k slice copies instead of a gather, and no wrap-around (deform_conv2d samples zeros outside).
+    The copies are slice assignments, which both ONNX exporters (TorchScript and dynamo) translate faithfully.
+    """
+    kh, kw = kernel_size
+    if min(kh, kw) != 1:
+        raise ValueError(f"Cycle FC needs a 1 x k or k x 1 pseudo-kernel, got {kernel_size}")
+    k, axis = (kw, 2) if kh == 1 else (kh, 1)
+    out = torch.zeros_like(x)
+    length = x.shape[axis]
+    for residue, shift in enumerate(cycle_shifts(min(k, x.shape[-1]), k)):
+        if abs(shift) >= length:
+            continue
+        dst, src = [slice(None)] * 4, [slice(None)] * 4
+        dst[3] = src[3] = slice(residue, None, k)
+        dst[axis] = slice(max(-shift, 0), length - max(shift, 0))
+        src[axis] = slice(max(shift, 0), length - max(-shift, 0))
+        out[tuple(dst)] = x[tuple(src)]
+    return out
+
+
+class CycleFC(nn.Module):
+    """Cycle FC on channels-last tokens (B, H, W, C_in) -> (B, H, W, C_out).
+
+    `weight` (C_out, C_in, 1, 1) and `bias` are the authors' parameters. Their `offset` buffer is not kept: it is
+    fixed by `kernel_size` (see `cycle_shifts`), and allmlp.load_weights checks it when a checkpoint has one.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], bias: bool = True):
+        super().__init__()
+        if len(kernel_size) != 2 or not all(isinstance(k, int) and k >= 1 for k in kernel_size) or min(kernel_size) > 1:
+            raise ValueError(f"Cycle FC needs a 1 x k or k x 1 pseudo-kernel, got {kernel_size!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 1, 1))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The authors' initialisation of Cycle FC in their models: weight trunc-normal(0.02), bias zero."""
+        init_trunc_normal_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(cycle_shift(x, self.kernel_size), self.weight.flatten(1), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}"
+
+
+class CycleTokenMixer(nn.Module):
+    """CycleMLP's token mixer: Cycle FC along width (`sfc_h`, 1x3) and height (`sfc_w`, 3x1), a channel map
+    (`mlp_c`), fused by split attention and projected (`proj`). The names are the authors' checkpoint keys."""
+
+    def __init__(self, dim: int, qkv_bias: bool = False):
+        super().__init__()
+        self.mlp_c = nn.Linear(dim, dim, bias=qkv_bias)
+        self.sfc_h = CycleFC(dim, dim, (1, 3))
+        self.sfc_w = CycleFC(dim, dim, (3, 1))
+        self.reweight = Reweight(dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(split_attention(self.sfc_h(x), self.sfc_w(x), self.mlp_c(x), self.reweight))
+
+
+class CycleMLP(StagedMLP):
+    """CycleMLP with the authors' argument names (their class CycleNet); any input size works, odd ones too.
+
+    Patch embedding conv 7x7 stride 4 (padding 2), then stages with a conv 3x3 stride 2 between them (where
+    `transitions[i]`). `forward_features` gives the (B, H, W, C) tokens after the final norm. With
+    `fork_feat=True` (dense prediction) there is no `norm`/`head`: LayerNorms `norm{i}` follow each stage
+    (i = its index in `network`) and `forward` returns the list of the stages' normalised (B, C, H, W) maps.
+    `img_size` and `patch_size` are recorded only; the authors' code ignores them too.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int] = (2, 2, 4, 2),
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 7,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dims: Sequence[int] = (64, 128, 320, 512),
+        transitions: Sequence[bool] = (True, True, True, True),
+        mlp_ratios: Sequence[float] = (4, 4, 4, 4),
+        skip_lam: float = 1.0,
+        qkv_bias: bool = False,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        fork_feat: bool = False,
+    ):
+        super().__init__()
+        check_stage_lists(layers, embed_dims=embed_dims, transitions=transitions, mlp_ratios=mlp_ratios)
+        for i in range(len(layers) - 1):
+            if not transitions[i] and embed_dims[i] != embed_dims[i + 1]:
+                raise ValueError(
+                    f"stage {i} changes the width ({embed_dims[i]} -> {embed_dims[i + 1]}) without a transition; "
+                    f"CycleMLP only changes width in its 3x3 stride-2 downsampling (set transitions[{i}]=True)"
+                )
+        self.config = dict(
+            layers=list(layers),
+            img_size=img_size if isinstance(img_size, int) else list(img_size),
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=0 if fork_feat else num_classes,
+            embed_dims=list(embed_dims),
+            transitions=[bool(t) for t in transitions],
+            mlp_ratios=list(mlp_ratios),
+            skip_lam=skip_lam,
+            qkv_bias=qkv_bias,
+            drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
+            fork_feat=fork_feat,
+        )
+        self._init_model(self.config["num_classes"], embed_dims[-1], drop_rate)
+        self.fork_feat = fork_feat
+
+        self.patch_embed = PatchEmbed(in_chans, embed_dims[0], kernel_size=7, stride=4, padding=2)
+        network: list[nn.Module] = []
+        self.out_indices: list[int] = []  # positions of the stages in `network`
+        for i, rates in enumerate(self._drop_path_rates(layers, drop_path_rate)):
+            dim = embed_dims[i]
+            self.out_indices.append(len(network))
+            network.append(
+                nn.Sequential(
+                    *(PermutatorBlock(dim, CycleTokenMixer(dim, qkv_bias), mlp_ratios[i], r, skip_lam) for r in rates)
+                )
+            )
+            if i < len(layers) - 1 and transitions[i]:
+                network.append(Downsample(dim, embed_dims[i + 1], kernel_size=3, stride=2, padding=1))
+        self.network = nn.ModuleList(network)
+        if fork_feat:
+            for i, index in enumerate(self.out_indices):
+                self.add_module(f"norm{index}", nn.LayerNorm(embed_dims[i], eps=LAYER_NORM_EPS))
+        else:
+            self.norm = nn.LayerNorm(embed_dims[-1], eps=LAYER_NORM_EPS)
+            self.head = self._new_head(num_classes)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The authors' initialisation, which also draws Cycle FC weights trunc-normal(0.02) with zero bias."""
+        super().init_weights()
+        for module in self.modules():
+            if isinstance(module, CycleFC):
+                module.reset_parameters()
+
+    def _require_head(self, what: str) -> None:
+        if self.fork_feat:
+            raise ValueError(f"{what}: this CycleMLP was built with fork_feat=True (feature maps only, no head)")
+
+    def get_classifier(self) -> nn.Module:
+        self._require_head("get_classifier")
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self._require_head("reset_classifier")
+        super().reset_classifier(num_classes)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if torch.jit.is_tracing():  # a trace records one fixed shape; the check would only warn there
+            return
+        if x.ndim != 4 or x.shape[1] != self.config["in_chans"] or min(x.shape[2:]) < 3:
+            raise ValueError(
+                f"CycleMLP expects input of shape (B, {self.config['in_chans']}, H, W) with any H, W >= 3, "
+                f"got {tuple(x.shape)}"
+            )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """(B, H, W, C) tokens after the final norm; with fork_feat, the normalised (B, C, H, W) map of each stage."""
+        self._check_input(x)
+        x = self.patch_embed(x)
+        maps = []
+        for index, layer in enumerate(self.network):
+            x = self._run_layer(layer, x)
+            if self.fork_feat and index in self.out_indices:
+                maps.append(getattr(self, f"norm{index}")(x).permute(0, 3, 1, 2).contiguous())
+        return maps if self.fork_feat else self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        self._require_head("forward_head")
+        return super().forward_head(x, pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        features = self.forward_features(x)
+        return features if self.fork_feat else self.forward_head(features)
