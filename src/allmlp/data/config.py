@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .transforms import EVAL_PRESETS
 
@@ -12,36 +12,39 @@ KINDS = ("demo", "imagefolder", "cifar10", "cifar100", "webdataset")
 MAX_RANDAUGMENT_MAGNITUDE = 30
 
 
+def _doc(default, doc: str):
+    """A field with its `--help` text in the metadata (where the recipe layer reads it)."""
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass
 class DataConfig:
     """Dataset and augmentation settings. Paths are checked when the loaders are built, not here, so that a recipe
     naming a dataset that lives on another machine can still be read, printed and overridden."""
 
-    kind: str = "demo"
-    root: str | None = None  # imagefolder: holds train/ and val/; cifar: holds cifar-10-batches-py/ or the .tar.gz
-    train_split: str = "train"  # imagefolder subfolder names
-    val_split: str = "val"
-    train_shards: str | None = None  # webdataset: brace patterns such as "shards/train-{000000..000146}.tar"
-    val_shards: str | None = None
-    num_classes: int | None = None  # webdataset: counted from the train shards' .cls files when not given
-    train_samples: int | None = None  # webdataset: counted from the train shards when not given
-    shuffle_buffer: int = 1000  # webdataset: samples held for shuffling in each stream
-    num_workers: int = 2
-    # train augmentation
-    inception_crop: bool = False
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    hflip: bool = False
-    shift_pixels: int = 0
-    randaugment_layers: int = 0
-    randaugment_magnitude: int = 9
-    random_erasing: float = 0.0
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    mix_prob: float = 1.0
-    # evaluation
-    eval_preset: str = "resize"
-    crop_pct: float | None = None
-    max_bad_fraction: float = 0.01
+    kind: str = _doc("demo", "demo | imagefolder | cifar10 | cifar100 | webdataset")
+    root: str | None = _doc(None, "imagefolder: folder holding train/ and val/; cifar: folder of the python download")
+    train_split: str = _doc("train", "imagefolder: subfolder of root with the training images")
+    val_split: str = _doc("val", "imagefolder: subfolder of root with the evaluation images")
+    train_shards: str | None = _doc(None, "webdataset: train shard pattern, e.g. /data/train-{000000..000146}.tar")
+    val_shards: str | None = _doc(None, "webdataset: evaluation shard pattern")
+    num_classes: int | None = _doc(None, "webdataset: number of classes (null: counted from the train shards)")
+    train_samples: int | None = _doc(None, "webdataset: train samples per epoch (null: counted from the shards)")
+    shuffle_buffer: int = _doc(1000, "webdataset: samples each stream holds for shuffling")
+    num_workers: int = _doc(2, "loader worker processes for per-image work (files, shards, RandAugment)")
+    inception_crop: bool = _doc(False, "train: Inception crop (RandomResizedCrop, aspect 3/4..4/3), else resize")
+    crop_scale: tuple[float, float] = _doc((0.08, 1.0), "train: [min, max] area fraction of the Inception crop")
+    hflip: bool = _doc(False, "train: random horizontal flip")
+    shift_pixels: int = _doc(0, "train: random translation by up to this many pixels (zero padding)")
+    randaugment_layers: int = _doc(0, "train: RandAugment operations per image (0: off)")
+    randaugment_magnitude: int = _doc(9, "train: RandAugment magnitude, 0..30")
+    random_erasing: float = _doc(0.0, "train: probability of erasing a random box with noise (after normalising)")
+    mixup_alpha: float = _doc(0.0, "train: MixUp Beta(alpha, alpha) (0: off)")
+    cutmix_alpha: float = _doc(0.0, "train: CutMix Beta(alpha, alpha) (0: off); with MixUp, one of them per batch")
+    mix_prob: float = _doc(1.0, "train: probability that a batch is mixed")
+    eval_preset: str = _doc("resize", "eval: resize | resize_crop | resmall_crop")
+    crop_pct: float | None = _doc(None, "eval: crop fraction of the crop presets (null: the model's, or 0.875)")
+    max_bad_fraction: float = _doc(0.01, "stop when more than this fraction of images is unreadable")
 
     def __post_init__(self) -> None:
         _choice(self, "kind", KINDS)
