@@ -79,7 +79,7 @@ def load_weights(
     has_head = "head.weight" in own
     if reset_head or not has_head:
         state_dict = {k: v for k, v in state_dict.items() if k not in HEAD_KEYS}
-    elif "head.weight" in state_dict and state_dict["head.weight"].shape != own["head.weight"].shape:
+    elif "head.weight" in state_dict and state_dict["head.weight"].shape[0] != own["head.weight"].shape[0]:
         raise WeightsError(
             f"classifier head: the checkpoint has {state_dict['head.weight'].shape[0]} classes, the model "
             f"{own['head.weight'].shape[0]}; pass reset_head=True for a fresh zero head, or build the model "

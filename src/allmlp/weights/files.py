@@ -24,8 +24,9 @@ class WeightsError(ValueError):
     """A weight file or state dict that cannot be used as asked; the message says what and why."""
 
 
-def detect_format(path: Path) -> str:
+def detect_format(path: str | os.PathLike) -> str:
     """'safetensors', 'torch' or 'npz', from the first bytes of the file."""
+    path = Path(path)
     with open(path, "rb") as f:
         head = f.read(9)
     size = path.stat().st_size
@@ -59,7 +60,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor | np.n
     try:
         if kind == "safetensors":
             with safe_open(path, framework="pt") as f:
-                return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
+                return _strip_wrapper_prefix({key: f.get_tensor(key) for key in f.keys()}), dict(f.metadata() or {})
         if kind == "npz":
             with np.load(path, allow_pickle=False) as archive:
                 return {key: archive[key] for key in archive.files}, {}
@@ -102,9 +103,13 @@ def _unwrap(obj: object, origin: object) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise WeightsError(f"{origin}: no tensors found (top-level keys: {sorted(map(str, obj))[:10]})")
-    # DistributedDataParallel and torch.compile wrap every name in a prefix.
+    return _strip_wrapper_prefix(tensors)
+
+
+def _strip_wrapper_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DistributedDataParallel and torch.compile put a prefix in front of every name."""
     for prefix in ("module.", "_orig_mod."):
-        if all(k.startswith(prefix) for k in tensors):
+        if tensors and all(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
     return tensors
 
