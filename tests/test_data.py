@@ -540,6 +540,15 @@ def test_webdataset_stream_is_resumable_and_ranks_read_disjoint_shards(tmp_path)
     assert sorted(evaluated) == [4 * i + 4 for i in range(15)]
 
 
+def test_webdataset_evaluation_alone(tmp_path):
+    val = write_shards(tmp_path, num_shards=2, per_shard=3, num_classes=4)
+    args = dict(img_size=8, in_chans=1, preprocessing=HALF, batch_size=4)
+    counted = build_eval_loader(DataConfig(kind="webdataset", val_shards=val, num_workers=0), **args)
+    assert counted.num_classes == 4 and sum(len(t) for _, t in counted) == 6
+    given = build_eval_loader(DataConfig(kind="webdataset", val_shards=val, num_classes=7, num_workers=0), **args)
+    assert given.class_names == [str(i) for i in range(7)]
+
+
 def test_webdataset_skips_unreadable_samples_and_needs_enough_shards(tmp_path):
     train = write_shards(tmp_path, num_shards=2, per_shard=10, bad={3, 14})
     with open(tmp_path / "part-001.tar", "r+b") as f:  # cut the second shard short, inside its 8th sample

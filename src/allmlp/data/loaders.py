@@ -431,8 +431,9 @@ def build_eval_loader(
     if cfg.kind == "webdataset":
         field = "train_shards" if split == "train" else "val_shards"
         shards = _shards(cfg, field)
-        if class_names is None:
-            class_names = [str(i) for i in range(_shard_facts(cfg)[2])]
+        if class_names is None:  # the config's count, else the train shards', else the evaluated shards'
+            counted = cfg.num_classes or (_shard_facts(cfg)[2] if cfg.train_shards else scan_shards(shards)[1])
+            class_names = [str(i) for i in range(counted)]
         stream = ShardEvalDataset(
             shards,
             transform=transform,
