@@ -108,8 +108,8 @@ def load_batch(data: bytes, name: str) -> dict:
     """Unpickle one CIFAR batch or meta file safely; a file that needs anything else is a ValueError."""
     try:
         value = _plain(SafeUnpickler(io.BytesIO(data), encoding="bytes").load())
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
-        raise ValueError(f"{name}: not a readable CIFAR python batch ({error})") from error
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, LookupError, AttributeError, RecursionError) as e:
+        raise ValueError(f"{name}: not a readable CIFAR python batch ({e})") from e
     if not isinstance(value, dict):
         raise ValueError(f"{name}: expected a dict, found {type(value).__name__}")
     return value
