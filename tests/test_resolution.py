@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 import allmlp
 from allmlp.tools.resolution import load_weights_adapted
@@ -180,6 +181,13 @@ def test_load_weights_adapted_fine_tunes_at_another_size(tmp_path):
     same = allmlp.MlpMixer(**small.config)
     assert load_weights_adapted(same, path) is same
 
+    # evaluating a model fine-tuned at 32: the checkpoint's D_S (4 x 8) differs from the entry's, S does not
+    tuned = allmlp.save_weights(allmlp.adapt_resolution(small, 32), tmp_path / "m32.safetensors")
+    rebuilt = load_weights_adapted(allmlp.MlpMixer(**{**small.config, "img_size": 32}), tuned)
+    assert rebuilt.config["tokens_mlp_dim"] == 32
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), allmlp.create_model(tuned).eval()(x))
+
 
 def test_load_weights_adapted_non_square_state_dict_and_other_models():
     wide = tiny_mixer()  # 4 x 6 tokens, saved without its config
@@ -187,3 +195,17 @@ def test_load_weights_adapted_non_square_state_dict_and_other_models():
         load_weights_adapted(tiny_mixer(img_size=32), wide.state_dict())
     linear = torch.nn.Linear(2, 2)
     assert load_weights_adapted(linear, torch.nn.Linear(2, 2).state_dict()) is linear
+
+
+def test_finetune_engine_adapts_mixer_weights_of_another_size(tmp_path):
+    from allmlp.train import load_config
+    from allmlp.train.engine import build_model
+
+    dims = dict(patch_size=7, hidden_dim=16, num_blocks=1, tokens_mlp_dim=8, channels_mlp_dim=32)
+    small = allmlp.MlpMixer(img_size=14, in_chans=1, num_classes=10, **dims)
+    path = allmlp.save_weights(small, tmp_path / "m14.safetensors")
+    recipe = {"model": {"name": "mixer_s16_224", "img_size": 28, "in_chans": 1, "weights": path, "overrides": dims}}
+    (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(recipe))
+    model = build_model(load_config(str(tmp_path / "finetune.yaml")), num_classes=3, new_head=True)
+    assert model.img_size == (28, 28) and model.config["tokens_mlp_dim"] == 4 * 8 and model.num_classes == 3
+    torch.testing.assert_close(model.stem.proj.weight, small.stem.proj.weight)

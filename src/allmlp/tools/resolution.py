@@ -77,15 +77,16 @@ def adapt_resolution(model: MlpMixer, img_size: int | tuple[int, int], method: s
 def load_weights_adapted(
     model: nn.Module, source: str | os.PathLike | Mapping, *, reset_head: bool = False
 ) -> nn.Module:
-    """`allmlp.load_weights`, except that Mixer weights made for another input size are loaded into a twin of
-    `model` at their size and then adapted to `model`'s size with `adapt_resolution` (fine-tuning at 448 from a
-    224 checkpoint). Returns the model to use: `model` itself, or the adapted new one (whose tokens_mlp_dim is
-    then K_h K_w times the checkpoint's for an integer factor)."""
+    """`allmlp.load_weights`, except that Mixer weights whose token mixing has another shape (made for another
+    input size, or already adapted) are loaded into a twin of `model` at their own size and D_S, then adapted to
+    `model`'s size with `adapt_resolution`: fine-tuning at 448 from a 224 checkpoint, or evaluating the result.
+    Returns the model to use: `model` itself, or the adapted new one (whose tokens_mlp_dim is then K_h K_w times
+    the checkpoint's for an integer factor)."""
     if not isinstance(model, MlpMixer):
         return load_weights(model, source, reset_head=reset_head)
     state_dict, _ = read_state_dict(source)
     fc1 = state_dict.get("blocks.0.mlp_tokens.fc1.weight")
-    if fc1 is None or fc1.shape[1] == model.num_tokens:
+    if fc1 is None or fc1.shape == model.blocks[0].mlp_tokens.fc1.weight.shape:
         return load_weights(model, state_dict, reset_head=reset_head)
     twin = MlpMixer(**{**model.config, "img_size": _checkpoint_img_size(source, model, fc1.shape[1]),
                        "tokens_mlp_dim": fc1.shape[0]})  # fmt: skip

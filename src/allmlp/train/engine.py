@@ -23,7 +23,8 @@ from ..data import build_loaders
 from ..data.sampling import mix_seed
 from ..evaluate.metrics import Accuracy
 from ..models.registry import create_model, get_entry
-from ..weights import load_weights, save_weights
+from ..tools.resolution import load_weights_adapted
+from ..weights import save_weights
 from . import distributed
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig, dump_yaml
@@ -42,13 +43,13 @@ def build_model(cfg: RunConfig, num_classes: int, *, new_head: bool = False) -> 
     """The configured model with `num_classes` outputs, and model.weights loaded when given.
 
     new_head (fine-tuning): the checkpoint's classifier is dropped for a zero-initialised one of num_classes.
-    The model is built at model.img_size; weights trained at another resolution fail to load with a message.
+    The model is built at model.img_size; Mixer weights of another resolution are adapted (paper App. C).
     """
     m = cfg.model
     options = dict(in_chans=m.in_chans, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate, **m.overrides)
     model = create_model(m.name, num_classes=num_classes, img_size=m.img_size, **options)
     if m.weights is not None:
-        load_weights(model, m.weights, reset_head=new_head)
+        model = load_weights_adapted(model, m.weights, reset_head=new_head)
     if cfg.train.head_bias_init is not None and (m.weights is None or new_head):
         with torch.no_grad():
             model.get_classifier().bias.fill_(cfg.train.head_bias_init)
