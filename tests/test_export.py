@@ -16,6 +16,21 @@ SMALL = {
         "mixer_s16_224",
         dict(img_size=(16, 24), patch_size=4, hidden_dim=16, num_blocks=2, tokens_mlp_dim=8, channels_mlp_dim=32),
     ),
+    "CycleMLP": (
+        "cyclemlp_b1",
+        dict(img_size=16, layers=[1, 1], embed_dims=[8, 16], mlp_ratios=[2, 2], transitions=[True, True]),
+    ),
+    "VisionPermutator": (  # ViP's permute-MLPs need H * (C / segments) = C: a 4 x 4 grid, then 2 x 2
+        "vip_s7",
+        dict(
+            img_size=28,
+            layers=[1, 1],
+            embed_dims=[16, 16],
+            transitions=[True, False],
+            segment_dim=[4, 2],
+            mlp_ratios=[2, 2],
+        ),
+    ),  # fmt: skip
 }
 
 
@@ -52,14 +67,15 @@ def test_onnx_runs_in_onnxruntime_with_any_batch(tmp_path, architecture):
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning", "ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])
-def test_torch_formats_load_back_with_any_batch(tmp_path, fmt):
-    model = small_model("MlpMixer")
+@pytest.mark.parametrize("architecture", sorted(SMALL))
+def test_torch_formats_load_back_with_any_batch(tmp_path, fmt, architecture):
+    model = small_model(architecture)
     path = tmp_path / ("model.pt" if fmt == "torchscript" else "model.pt2")
     ex.export(model, path, fmt)
     loaded = torch.jit.load(str(path)) if fmt == "torchscript" else torch.export.load(str(path)).module()
-    x = torch.randn(4, 3, 16, 24)
+    x = torch.randn(4, 3, *ex.input_size(model))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)
 
