@@ -17,7 +17,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/allmlp demo
+	$(BIN)/allmlp train
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
