@@ -8,7 +8,6 @@ units come first and the oscillating ones last. Stem filters are drawn as RGB ti
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -20,8 +19,6 @@ from PIL import Image
 from torch import nn
 
 from ..models.mixer import MlpMixer
-
-CURVE_KEYS = ("loss", "lr", "eval_top1")
 
 
 def token_mixing_units(model: MlpMixer, block: int) -> torch.Tensor:
@@ -92,41 +89,46 @@ def draw_stem(model: nn.Module) -> Image.Image:
     return tile(rgb, scale=_scale_for(*rgb.shape[1:3]))
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise ValueError(f"{run_dir}: no metrics.jsonl (expected a run directory written by `allmlp train`)")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not a JSON line ({err})") from err
-    return records
+# panel title -> (metrics.jsonl key, legend label) drawn in it
+CURVES = {
+    "training loss": [("loss", "loss")],
+    "learning rate": [("lr", "lr")],
+    "eval top-1 (%)": [("eval_top1", "top-1"), ("eval_top5", "top-5"), ("ema_eval_top1", "EMA top-1")],
+}
+
+
+def read_run_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The rows of a run's metrics.jsonl, read as the trainer reads them (a line cut short by a kill is skipped)."""
+    from ..train.outputs import METRICS_FILE, read_metrics
+
+    if not (Path(run_dir) / METRICS_FILE).is_file():
+        raise ValueError(f"{run_dir}: no {METRICS_FILE} (expected a run directory written by `allmlp train`)")
+    return read_metrics(Path(run_dir))
 
 
 def draw_curves(records: Sequence[dict], out: str | os.PathLike) -> Path:
-    """One panel per metric present (training loss, learning rate, eval top-1) against the step."""
+    """One panel per kind of metric present (training loss, learning rate, eval accuracy) against the step."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     panels = []
-    for key in CURVE_KEYS:
-        points = [(r["step"], r[key]) for r in records if "step" in r and r.get(key) is not None]
-        if points:
-            panels.append((key, points))
+    for title, series in CURVES.items():
+        lines = [(label, [(r["step"], r[key]) for r in records if r.get(key) is not None]) for key, label in series]
+        lines = [(label, points) for label, points in lines if points]
+        if lines:
+            panels.append((title, lines))
     if not panels:
-        raise ValueError(f"the run's metrics.jsonl has no step with any of {CURVE_KEYS}")
+        raise ValueError(f"the run's metrics have no step with any of {[k for s in CURVES.values() for k, _ in s]}")
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
-    titles = {"loss": "training loss", "lr": "learning rate", "eval_top1": "eval top-1 (%)"}
-    for ax, (key, points) in zip(axes[0], panels, strict=True):
-        steps, values = zip(*points, strict=True)
-        ax.plot(steps, values, marker="o" if key == "eval_top1" else None, markersize=3)
-        ax.set_title(titles[key])
+    for ax, (title, lines) in zip(axes[0], panels, strict=True):
+        for label, points in lines:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, label=label, marker="o" if len(points) < 30 else None, markersize=3)
+        if len(lines) > 1:
+            ax.legend()
+        ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     figure.tight_layout()
@@ -160,5 +162,5 @@ def visualize(
     draw_stem(model).save(out_dir / "stem_filters.png")
     written.append(out_dir / "stem_filters.png")
     if run_dir is not None:
-        written.append(draw_curves(read_metrics(run_dir), out_dir / "training_curves.png"))
+        written.append(draw_curves(read_run_metrics(run_dir), out_dir / "training_curves.png"))
     return written
