@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 GELU_APPROXIMATIONS = {"tanh": "tanh", "erf": "none"}
 
@@ -26,7 +27,13 @@ def make_gelu(gelu: str) -> nn.GELU:
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout; `fc1`/`fc2` are the checkpoint names of timm and the authors."""
+    """fc1 -> GELU -> dropout -> fc2 -> dropout; `fc1`/`fc2` are the checkpoint names of timm and the authors.
+
+    `forward(x)` maps the last dimension, as usual. Two options serve fast callers without changing the math:
+    `residual` is added inside fc2's matrix product (one pass over memory instead of two), and
+    `features_first=True` maps the first dimension instead (`W @ x`), which is how Mixer's token mixing runs on
+    token-major activations without any transpose.
+    """
 
     def __init__(self, in_features: int, hidden_features: int, gelu: str = "erf", drop: float = 0.0):
         super().__init__()
@@ -36,24 +43,76 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop2 = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, features_first: bool = False
+    ) -> torch.Tensor:
+        """`residual + mlp(x)` (just `mlp(x)` without a residual); `residual` has the shape of `x`."""
+        # Under torch.compile plain out-of-place ops are best: the compiler fuses bias, GELU and the residual add
+        # into the matrix products itself (oneDNN post-ops on CPU), which in-place ops would hide from it.
+        eager = not torch.compiler.is_compiling()
+        hidden = linear(x, self.fc1, features_first)
+        if eager and not hidden.requires_grad:  # in place: no hidden-sized buffer to allocate and fault in
+            hidden = torch.ops.aten.gelu_(hidden, approximate=self.act.approximate)
+        else:
+            hidden = self.act(hidden)
+        hidden = self.drop1(hidden)
+        if eager and not (self.drop2.p and self.training):
+            return linear(hidden, self.fc2, features_first, residual)
+        out = self.drop2(linear(hidden, self.fc2, features_first))
+        return out if residual is None else residual + out
+
+
+def linear(
+    x: torch.Tensor, layer: nn.Linear, features_first: bool = False, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`layer` applied to the last dimension of `x` (or to the first, `W @ x`), plus `residual` if given.
+
+    With a residual, bias and residual are summed first and the product accumulates into that sum in place
+    (`addmm_` with beta=1), so the output is written once. Autocast does not reach in-place ops, hence the
+    explicit casts of the parameters to the dtype of the activations (no-ops outside autocast).
+    """
+    if not features_first and residual is None:
+        return F.linear(x, layer.weight, layer.bias)
+    out_features = layer.weight.shape[0]
+    if features_first:
+        rows = x.reshape(x.shape[0], -1)
+        out_shape = (out_features, *x.shape[1:])
+    else:
+        rows = x.reshape(-1, x.shape[-1])
+        out_shape = (*x.shape[:-1], out_features)
+    fused = residual is not None and residual.dtype == rows.dtype
+    weight = layer.weight.to(rows.dtype) if fused else layer.weight
+    bias = layer.bias.to(rows.dtype) if fused else layer.bias
+    if features_first:
+        bias, left, right = bias[:, None], weight, rows
+    else:
+        left, right = rows, weight.t()
+    if not fused:
+        out = torch.addmm(bias, left, right).view(out_shape)
+        return out if residual is None else residual + out
+    return (residual.reshape(left.shape[0], right.shape[1]) + bias).addmm_(left, right).view(out_shape)
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: zero a residual branch per sample with probability `rate`, rescale the rest."""
+    """Stochastic depth: zero a residual branch per sample with probability `rate`, rescale the rest.
 
-    def __init__(self, rate: float = 0.0):
+    `batch_dim` is the dimension that indexes samples (1 for Mixer's token-major (S, B, C) activations).
+    """
+
+    def __init__(self, rate: float = 0.0, batch_dim: int = 0):
         super().__init__()
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
         self.rate = rate
+        self.batch_dim = batch_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rate == 0.0 or not self.training:
             return x
         keep = 1.0 - self.rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        shape = [1] * x.ndim
+        shape[self.batch_dim] = x.shape[self.batch_dim]
+        mask = x.new_empty(shape).bernoulli_(keep)
         return x * mask / keep
 
     def extra_repr(self) -> str:

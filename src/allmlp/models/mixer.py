@@ -37,11 +37,17 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, hidden_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        """(B, S, C) tokens, stored token-major: `.transpose(0, 1)` of the result is a contiguous (S, B, C)."""
+        return self.proj(x).flatten(2).permute(2, 0, 1).contiguous().transpose(0, 1)
 
 
 class MixerBlock(nn.Module):
-    """Paper eq. (1): token mixing across patches, then channel mixing per patch, each pre-norm + residual."""
+    """Paper eq. (1): token mixing across patches, then channel mixing per patch, each pre-norm + residual.
+
+    Works on token-major activations (S, B, C). Token mixing is then a single `W @ x` product on the (S, B*C)
+    view and channel mixing a single `x @ W^T` on the (S*B, C) view: every matrix product reads contiguous
+    memory and no transpose is ever copied. The residual adds are fused into the second product of each MLP.
+    """
 
     def __init__(
         self,
@@ -57,11 +63,16 @@ class MixerBlock(nn.Module):
         self.mlp_tokens = Mlp(num_tokens, tokens_mlp_dim, gelu)
         self.norm2 = nn.LayerNorm(hidden_dim, eps=LAYER_NORM_EPS)
         self.mlp_channels = Mlp(hidden_dim, channels_mlp_dim, gelu)
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = DropPath(drop_path, batch_dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2))
-        return x + self.drop_path(self.mlp_channels(self.norm2(x)))
+        x = self._residual(self.mlp_tokens, self.norm1(x), x, features_first=True)
+        return self._residual(self.mlp_channels, self.norm2(x), x, features_first=False)
+
+    def _residual(self, mlp: Mlp, y: torch.Tensor, x: torch.Tensor, features_first: bool) -> torch.Tensor:
+        if self.drop_path.rate and self.training:
+            return x + self.drop_path(mlp(y, features_first=features_first))
+        return mlp(y, residual=x, features_first=features_first)
 
 
 class MlpMixer(nn.Module):
@@ -179,14 +190,15 @@ class MlpMixer(nn.Module):
             )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, C) tokens after the final LayerNorm: a transposed view of the token-major (S, B, C) result."""
         self._check_input(x)
-        x = self.stem(x)
+        x = self.stem(x).transpose(0, 1)  # token-major (S, B, C), as the blocks want it
         if self.grad_checkpointing and torch.is_grad_enabled():
             for block in self.blocks:
                 x = checkpoint(block, x, use_reentrant=False)
         else:
             x = self.blocks(x)
-        return self.norm(x)
+        return self.norm(x).transpose(0, 1)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x.mean(dim=1))
