@@ -93,7 +93,7 @@ def draw_stem(model: nn.Module) -> Image.Image:
 CURVES = {
     "training loss": [("loss", "loss")],
     "learning rate": [("lr", "lr")],
-    "eval top-1 (%)": [("eval_top1", "top-1"), ("eval_top5", "top-5"), ("ema_eval_top1", "EMA top-1")],
+    "eval accuracy": [("eval_top1", "top-1"), ("eval_top5", "top-5"), ("ema_eval_top1", "EMA top-1")],
 }
 
 
