@@ -13,6 +13,7 @@ from torchvision.ops import deform_conv2d
 
 import allmlp
 from allmlp.models.cyclemlp import CycleFC, cycle_shift, cycle_shifts
+from allmlp.tools.convert import convert
 from allmlp.weights.authors import cycle_offsets
 
 KEYS_B1 = Path(__file__).parent / "data" / "official_cyclemlp_b1_keys.txt"
@@ -307,6 +308,11 @@ def test_published_b1_checkpoint_lands_key_by_key(tmp_path, wrapped):
     assert set(own) == set(weights) and len(own) == 222 - 20  # two offset buffers in each of the 10 blocks
     for key, value in weights.items():
         assert torch.equal(own[key], value), key
+    if wrapped:  # `allmlp convert` recognises the variant from the names and shapes alone
+        converted = convert(path, tmp_path / "b1.safetensors")
+        assert converted.config == model.config
+        again = allmlp.create_model(tmp_path / "b1.safetensors")
+        assert all(torch.equal(again.state_dict()[key], value) for key, value in weights.items())
 
 
 def test_published_layout_without_offsets_loads_too():
@@ -431,3 +437,13 @@ def test_shift_has_no_wraparound():
     assert along_width[0, 0, :, 2].tolist() == [0, 1, 1, 1]
     along_height = cycle_shift(x, (3, 1))
     assert along_height[0, :, 0, :].tolist() == [[1, 1, 0], [1, 0, 1]]
+
+
+def test_convert_recognises_a_dense_prediction_backbone_and_refuses_unknown_shapes(tmp_path):
+    backbone = allmlp.create_model("cyclemlp_b2", fork_feat=True)
+    torch.save({"model": backbone.state_dict()}, tmp_path / "b2_feat.pth")
+    converted = convert(tmp_path / "b2_feat.pth", tmp_path / "b2_feat.safetensors")
+    assert converted.config == backbone.config and converted.fork_feat
+    torch.save(AuthorsCycleNet(**SMALL).state_dict(), tmp_path / "small.pth")
+    with pytest.raises(ValueError, match="match no registered variant .*cyclemlp_b1.*pass --model NAME"):
+        convert(tmp_path / "small.pth", tmp_path / "small.safetensors")

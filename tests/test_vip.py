@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import allmlp
+from allmlp.cli import main
 
 KEYS_S7 = Path(__file__).parent / "data" / "official_vip_s7_keys.txt"
 
@@ -252,6 +253,11 @@ def test_published_s7_checkpoint_lands_key_by_key(tmp_path, as_file):
     assert set(own) == set(state_dict)
     for key, value in state_dict.items():
         assert torch.equal(own[key], value), key
+    if as_file:  # `allmlp convert` tells S7 from M7 and L7 by the names and shapes alone
+        assert main(["convert", str(source), str(tmp_path / "s7.safetensors")]) == 0
+        again = allmlp.create_model(tmp_path / "s7.safetensors")
+        assert again.config == model.config
+        assert all(torch.equal(again.state_dict()[key], value) for key, value in state_dict.items())
 
 
 def test_a_checkpoint_of_another_layout_is_a_clear_error():

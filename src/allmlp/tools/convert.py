@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 
 from ..models.mixer import MlpMixer, config_from_state_dict
-from ..models.registry import create_model
+from ..models.registry import create_model, list_models
 from ..weights import load_weights, read_state_dict, save_weights
 from ..weights.files import detect_format, parse_config_metadata
 
@@ -31,9 +32,32 @@ def model_for_weights(src: str | os.PathLike, model_name: str | None = None, gel
         if gelu is None:
             gelu = "tanh" if detect_format(src) == "npz" else "erf"
         model = MlpMixer(**config_from_state_dict(state_dict, gelu))
+    elif "patch_embed.proj.weight" in state_dict:
+        if gelu is not None:
+            raise ValueError(
+                f"gelu={gelu!r}: only MLP-Mixer weights take a GELU choice; CycleMLP and ViP use exact GELU"
+            )
+        model = registered_variant_for(state_dict, num_classes)
     else:
         raise ValueError(f"{src}: cannot infer the architecture from its keys; pass --model NAME")
     return load_weights(model, state_dict)
+
+
+def registered_variant_for(state_dict: dict[str, torch.Tensor], num_classes: int) -> nn.Module:
+    """The registered CycleMLP / ViP variant whose names and shapes are exactly the state dict's (the authors'
+    checkpoints). Their configs cannot be read off the shapes alone (ViP's segment_dim is not in any shape)."""
+    shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
+    fork_feat = "norm0.weight" in shapes  # a CycleMLP dense-prediction backbone: stage norms, no head
+    overrides = {"fork_feat": True} if fork_feat else {"num_classes": num_classes}
+    for name in list_models("cyclemlp_*") + ([] if fork_feat else list_models("vip_*")):
+        with torch.device("meta"):
+            candidate = create_model(name, **overrides)
+        if {key: tuple(value.shape) for key, value in candidate.state_dict().items()} == shapes:
+            return create_model(name, **overrides)
+    raise ValueError(
+        "weights with CycleMLP/ViP names (patch_embed, network) whose names and shapes match no registered "
+        f"variant ({', '.join(list_models('cyclemlp_*') + list_models('vip_*'))}); pass --model NAME"
+    )
 
 
 def convert(
