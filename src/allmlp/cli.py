@@ -322,6 +322,72 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_eval)
 
 
+def _run_bench(args: argparse.Namespace) -> None:
+    from .tools.bench import Settings, expand_cases, run_command
+
+    compile_modes = [choice == "on" for choice in args.compile]
+    cases = expand_cases(args.models, args.batch_sizes, args.dtypes, args.modes, compile_modes, args.grad_checkpointing)
+    settings = Settings(
+        compare=args.compare,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        threads=args.threads,
+        device=args.device,
+        gemm_size=args.gemm_size,
+        freezing=args.freezing,
+        gelu=args.gelu,
+        clock=args.clock,
+    )
+    run_command(cases, settings, args.out, args.markdown)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .tools.bench import DTYPES, MODES, PEERS
+
+    p = sub.add_parser(
+        "bench",
+        help="images/s of allmlp models (inference, training), optionally against timm in the same process",
+        description="Times every combination of models, batch sizes, dtypes, modes and compile on/off. With "
+        "--compare timm, timm's same architecture gets the same weights and inputs, and rounds interleave so that "
+        "noise hits both alike. Prints a table and writes results.csv and results.json to --out.",
+    )
+    p.add_argument("--models", nargs="+", default=["mixer_b16_224"], help="registered model names")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[16])
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=DTYPES,
+        default=["fp32", "bf16"],
+        help="bf16: bf16 weights for inference, autocast for training; bf16-autocast: autocast inference",
+    )
+    p.add_argument("--modes", nargs="+", choices=MODES, default=["inference"], help="train: forward, backward, AdamW")
+    p.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off"], help="torch.compile off and/or on")
+    p.add_argument("--compare", choices=PEERS, help="time this peer's same architecture in the same rounds")
+    p.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="also run training with grad checkpointing and report the activation memory it saves",
+    )
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compiling happens here)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--gemm-size", type=int, help="side of the reference square GEMM (default 2048 CPU, 8192 CUDA)")
+    p.add_argument(
+        "--no-freezing", dest="freezing", action="store_false", help="compile inference without inductor freezing"
+    )
+    p.add_argument("--gelu", choices=["tanh", "erf"], help="allmlp's GELU (default: erf with --compare timm)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: process CPU time; with --threads 1 it ignores other load on a shared machine",
+    )
+    p.add_argument("--out", default="bench_results", help="folder for results.csv and results.json")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.set_defaults(run=_run_bench)
+
+
 COMMANDS = [
     _add_list,
     _add_info,
@@ -334,6 +400,7 @@ COMMANDS = [
     _add_train,
     _add_finetune,
     _add_eval,
+    _add_bench,
 ]
 
 

@@ -1,0 +1,540 @@
+"""`allmlp bench`: images per second of allmlp models, against timm's same architecture in the same process.
+
+How it measures, and why:
+- A shared machine is noisy, so every round times allmlp, the peer and a square matrix product back to back, in
+  alternating order; a ratio is taken inside each round and the median over rounds is reported. Speeds are the
+  median step time of the rounds.
+- Both implementations get the same weights (the peer loads allmlp's state dict) and must give the same logits
+  in float32 before anything is timed: the comparison is between two ways of computing one function.
+- "of GEMM" divides the model's FLOP rate by the rate of a square matrix product in the same dtype, timed in the
+  same rounds: how close the model runs to what the hardware reaches on its best operation.
+- `clock="cpu"` times with the process's CPU time instead of the wall clock. With one thread that is the work
+  itself, untouched by other processes on a shared machine (with more threads it also counts spin-waiting).
+- Memory comes from one extra, untimed step: the peak of the bytes PyTorch allocates during the step, and in
+  training the activation memory, the bytes still held when the forward pass ends (what backward needs).
+  CUDA reads the allocator's statistics; the CPU replays the profiler's allocation events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..models.registry import create_model, list_models
+from .inference import write_atomic
+
+DTYPES = ("fp32", "bf16", "bf16-autocast")
+MODES = ("inference", "train")
+PEERS = ("timm",)
+IMPL = "allmlp"
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration to time. In training, bf16 always means autocast with float32 master weights."""
+
+    model: str
+    batch_size: int
+    dtype: str
+    mode: str
+    compile: bool
+    grad_checkpointing: bool = False
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the matrix products run in (what the reference GEMM is timed in)."""
+        return "fp32" if self.dtype == "fp32" else "bf16"
+
+    def __str__(self) -> str:
+        ckpt = " grad-ckpt" if self.grad_checkpointing else ""
+        compiled = " compiled" if self.compile else ""
+        return f"{self.model} batch {self.batch_size} {self.dtype} {self.mode}{compiled}{ckpt}"
+
+
+@dataclass
+class Row:
+    """One implementation's measurement of one case (a line of the table, the CSV and the JSON)."""
+
+    impl: str
+    model: str
+    batch_size: int
+    dtype: str
+    mode: str
+    compile: bool
+    grad_checkpointing: bool
+    img_per_s: float
+    ms_per_batch: float
+    best_ms: float
+    ratio_to_peer: float | None  # peer time / allmlp time, median over rounds; > 1: allmlp is faster
+    model_gflop_per_s: float
+    gemm_gflop_per_s: float
+    gemm_fraction: float
+    peak_memory_mb: float
+    activation_memory_mb: float | None
+    rounds_ms: list[float]
+
+
+def expand_cases(
+    models: Iterable[str],
+    batch_sizes: Iterable[int],
+    dtypes: Iterable[str],
+    modes: Iterable[str],
+    compile_modes: Iterable[bool],
+    grad_checkpointing: bool = False,
+) -> list[Case]:
+    """Every combination, validated; training runs with and without grad checkpointing when asked to compare."""
+    models, dtypes, modes = list(models), list(dtypes), list(modes)
+    known = set(list_models())
+    for name in models:
+        if name not in known:
+            raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(known))}")
+    for dtype in dtypes:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    batch_sizes = list(batch_sizes)
+    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be positive ints, got {batch_sizes}")
+    cases: list[Case] = []
+    for name in models:
+        for batch in batch_sizes:
+            for mode in modes:
+                for dtype in dtypes:
+                    dtype = "bf16" if mode == "train" and dtype == "bf16-autocast" else dtype
+                    for compiled in compile_modes:
+                        for ckpt in (False, True) if grad_checkpointing and mode == "train" else (False,):
+                            case = Case(name, batch, dtype, mode, compiled, ckpt)
+                            if case not in cases:
+                                cases.append(case)
+    return cases
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timm():
+    """timm is optional (a test dependency): imported only when asked to compare with it."""
+    try:
+        import timm
+    except ImportError as err:
+        raise ValueError("--compare timm needs timm: pip install timm") from err
+    return timm
+
+
+def check_peer(peer: str, models: Iterable[str]) -> None:
+    """Fail before hours of timing, not in the middle: the peer must have every model."""
+    available = set(_timm().list_models())
+    missing = [name for name in models if name not in available]
+    if missing:
+        raise ValueError(f"{peer} has no {', '.join(map(repr, missing))} to compare with")
+
+
+def _build(impl: str, name: str, gelu: str | None, reference: nn.Module | None) -> nn.Module:
+    if impl == IMPL:
+        return create_model(name, **({} if gelu is None else {"gelu": gelu}))
+    model = _timm().create_model(name, pretrained=False)
+    model.load_state_dict(reference.state_dict())
+    return model
+
+
+class Step:
+    """One inference batch or one training step (forward, backward, AdamW) of a model on fixed inputs."""
+
+    def __init__(
+        self, model: nn.Module, case: Case, device: torch.device, freezing: bool, reference: nn.Module, clock: str
+    ):
+        self.case, self.device, self.freezing, self.clock = case, device, freezing, CLOCKS[clock]
+        if case.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        model = model.to(device)
+        generator = torch.Generator().manual_seed(0)  # the same inputs for allmlp and the peer
+        in_chans, size = reference.config["in_chans"], reference.config["img_size"]
+        self.images = torch.randn(case.batch_size, in_chans, *size, generator=generator).to(device)
+        if case.mode == "inference":
+            model.eval()
+            if case.dtype == "bf16":
+                model, self.images = model.to(torch.bfloat16), self.images.to(torch.bfloat16)
+            self.optimizer = None
+        else:
+            model.train()
+            classes = max(reference.config["num_classes"], 1)
+            self.labels = torch.randint(0, classes, (case.batch_size,), generator=generator).to(device)
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)  # the training engine's optimizer
+        self.model = model
+        self.forward = torch.compile(model) if case.compile else model
+        self.compiled_once = False
+
+    def _autocast(self):
+        autocast = self.case.dtype == "bf16-autocast" or (self.case.mode == "train" and self.case.dtype == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+
+    def _compile_context(self):
+        """Inductor's freezing (weights folded in as constants) is what makes compiled CPU inference fast."""
+        if self.case.compile and self.case.mode == "inference" and not self.compiled_once:
+            self.compiled_once = True
+            import torch._inductor.config as inductor_config
+
+            return inductor_config.patch(freezing=self.freezing)
+        return contextlib.nullcontext()
+
+    def run_forward(self) -> torch.Tensor:
+        with self._compile_context(), self._autocast():
+            if self.optimizer is None:
+                with torch.no_grad():
+                    return self.forward(self.images)
+            return F.cross_entropy(self.forward(self.images), self.labels)
+
+    def finish(self, loss: torch.Tensor) -> None:
+        if self.optimizer is not None:
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self) -> float:
+        """Seconds for one step, measured to completion on the device."""
+        _sync(self.device)
+        start = self.clock()
+        self.finish(self.run_forward())
+        _sync(self.device)
+        return self.clock() - start
+
+
+class Gemm:
+    """A square matrix product in the case's compute dtype: the rate the hardware reaches on its best op."""
+
+    def __init__(self, size: int, dtype: str, device: torch.device, clock: str):
+        compute = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        generator = torch.Generator().manual_seed(0)
+        self.a = torch.randn(size, size, generator=generator).to(device, compute)
+        self.b = torch.randn(size, size, generator=generator).to(device, compute)
+        self.flops = 2 * size**3
+        self.device, self.clock = device, CLOCKS[clock]
+
+    def __call__(self) -> float:
+        _sync(self.device)
+        start = self.clock()
+        torch.mm(self.a, self.b)
+        _sync(self.device)
+        return self.clock() - start
+
+
+def model_flops(name: str, batch_size: int, mode: str) -> int:
+    """FLOPs of one batch (forward; forward + backward in training), counted on the meta device.
+
+    Counted on allmlp's model; the peer computes the same products. `addmm_` (allmlp's fused residual) is not in
+    PyTorch's table, so it gets addmm's formula: 2 * M * K * N.
+    """
+    with torch.device("meta"):
+        model = create_model(name)
+        images = torch.empty(batch_size, model.config["in_chans"], *model.config["img_size"])
+    mapping = {torch.ops.aten.addmm_: lambda _self, a, b, *args, out_shape=None, **kwargs: 2 * a[0] * a[1] * b[1]}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        out = model(images)
+        if mode == "train":
+            out.float().sum().backward()
+    return counter.get_total_flops()
+
+
+def measure_memory(step: Step) -> tuple[float, float | None]:
+    """(peak bytes allocated during one step, bytes still held after its forward pass) above the level before it."""
+    device = step.device
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        loss = step.run_forward()
+        _sync(device)
+        activations = torch.cuda.memory_allocated(device) - base
+        step.finish(loss)
+        del loss
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        return float(peak), float(activations) if step.optimizer is not None else None
+    return _cpu_memory(step)
+
+
+def _cpu_memory(step: Step) -> tuple[float, float | None]:
+    """The CPU allocator keeps no statistics; the profiler records every allocation and free with a timestamp."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with record_function("bench_forward"):
+            loss = step.run_forward()
+        step.finish(loss)
+        del loss
+    events = list(prof.profiler.kineto_results.events())
+    forward_end = max(e.end_ns() for e in events if e.name() == "bench_forward")
+    live, peak, after_forward = 0, 0, None
+    for event in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        if after_forward is None and event.start_ns() > forward_end:
+            after_forward = live
+        live += event.nbytes()
+        peak = max(peak, live)
+    if after_forward is None:
+        after_forward = live
+    return float(peak), float(after_forward) if step.optimizer is not None else None
+
+
+def _check_same_function(ours: nn.Module, peer: nn.Module, name: str) -> float:
+    """Max |logit difference| in float32 on two random images; a peer that computes something else is an error."""
+    images = torch.randn(
+        2, ours.config["in_chans"], *ours.config["img_size"], generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        a, b = ours.eval()(images), peer.eval()(images)
+    diff = (a - b).abs().max().item()
+    if not diff <= 1e-4 * max(1.0, b.abs().max().item()):
+        raise ValueError(f"allmlp and the peer disagree on {name}: max |logit difference| {diff:.3g}")
+    return diff
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to measure: the peer, rounds, device, clock, and what compiled inference uses."""
+
+    compare: str | None = None
+    rounds: int = 5
+    warmup: int = 2
+    threads: int | None = None
+    device: str = "cpu"
+    gemm_size: int | None = None  # side of the reference GEMM; default 2048 on CPU, 8192 on CUDA
+    freezing: bool = True
+    gelu: str | None = None  # allmlp's GELU; default: timm's exact GELU when comparing with timm
+    clock: str = "wall"
+
+    def __post_init__(self) -> None:
+        if self.compare is not None and self.compare not in PEERS:
+            raise ValueError(f"compare must be one of {PEERS}, got {self.compare!r}")
+        if self.rounds < 1 or self.warmup < 1:
+            raise ValueError(f"rounds and warmup must be >= 1, got rounds={self.rounds}, warmup={self.warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {self.clock!r}")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device} asked for, but CUDA is not available")
+        if device.type != "cpu" and self.clock == "cpu":
+            raise ValueError(f"clock 'cpu' measures CPU work only; time {self.device} with the wall clock")
+
+    @property
+    def allmlp_gelu(self) -> str | None:
+        return self.gelu or ("erf" if self.compare == "timm" else None)
+
+    @property
+    def gemm_side(self) -> int:
+        return self.gemm_size or (8192 if torch.device(self.device).type == "cuda" else 2048)
+
+
+def run_case(case: Case, settings: Settings, log: Callable[[str], None], peer_case: Case | None = None) -> list[Row]:
+    """Time one case for allmlp and the peer with interleaved rounds; one row per implementation.
+
+    `peer_case` runs the peer in another configuration (same model and batch size) in the same rounds, which is
+    how allmlp's best path is compared with the peer's best path.
+    """
+    peer_case = peer_case or case
+    if (peer_case.model, peer_case.batch_size, peer_case.mode) != (case.model, case.batch_size, case.mode):
+        raise ValueError(f"the peer must run the same model, batch size and mode: {case} vs {peer_case}")
+    device = torch.device(settings.device)
+    torch.manual_seed(0)
+    ours = _build(IMPL, case.model, settings.allmlp_gelu, None)
+    peer = settings.compare
+    if peer is not None:
+        peer_model = _build(peer, case.model, settings.allmlp_gelu, ours)
+        diff = _check_same_function(ours, peer_model, case.model)
+        log(f"  same weights, float32 logits agree with {peer}: max |difference| {diff:.1e}")
+    steps = {IMPL: Step(ours, case, device, settings.freezing, ours, settings.clock)}
+    if peer is not None:
+        steps[peer] = Step(peer_model, peer_case, device, settings.freezing, ours, settings.clock)
+    gemms = {
+        step.case.compute_dtype: Gemm(settings.gemm_side, step.case.compute_dtype, device, settings.clock)
+        for step in steps.values()
+    }
+
+    for impl, step in steps.items():
+        start = time.perf_counter()
+        for _ in range(settings.warmup):
+            step()
+        compiling = " (includes compiling)" if step.case.compile else ""
+        log(f"  warm-up {impl}: {time.perf_counter() - start:.1f} s{compiling}")
+
+    times: dict[str, list[float]] = {impl: [] for impl in steps}
+    gemm_times: dict[str, list[float]] = {dtype: [] for dtype in gemms}
+    order = list(steps)
+    for r in range(settings.rounds):
+        for impl in order if r % 2 == 0 else order[::-1]:
+            times[impl].append(steps[impl]())
+        for dtype, gemm in gemms.items():
+            gemm_times[dtype].append(gemm())
+        summary = ", ".join(f"{impl} {t[-1] * 1e3:.0f} ms" for impl, t in times.items())
+        log(f"  round {r + 1}/{settings.rounds}: {summary}")
+
+    flops = model_flops(case.model, case.batch_size, case.mode)
+    rows = []
+    for impl, step in steps.items():
+        peak, activations = measure_memory(step)
+        median = statistics.median(times[impl])
+        gemm_rate = gemms[step.case.compute_dtype].flops / statistics.median(gemm_times[step.case.compute_dtype])
+        ratio = None
+        if peer is not None and impl == IMPL:
+            ratio = statistics.median(p / a for p, a in zip(times[peer], times[IMPL], strict=True))
+        rows.append(
+            Row(
+                impl=impl,
+                model=step.case.model,
+                batch_size=step.case.batch_size,
+                dtype=step.case.dtype,
+                mode=step.case.mode,
+                compile=step.case.compile,
+                grad_checkpointing=step.case.grad_checkpointing,
+                img_per_s=case.batch_size / median,
+                ms_per_batch=median * 1e3,
+                best_ms=min(times[impl]) * 1e3,
+                ratio_to_peer=ratio,
+                model_gflop_per_s=flops / median / 1e9,
+                gemm_gflop_per_s=gemm_rate / 1e9,
+                gemm_fraction=flops / median / gemm_rate,
+                peak_memory_mb=peak / 2**20,
+                activation_memory_mb=None if activations is None else activations / 2**20,
+                rounds_ms=[t * 1e3 for t in times[impl]],
+            )
+        )
+    return rows
+
+
+def bench(cases: Iterable[Case], settings: Settings, log: Callable[[str], None] | None = None) -> list[Row]:
+    """Time every case (see `expand_cases`) and return the rows; progress goes to `log` (stderr by default)."""
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    cases = list(cases)
+    if settings.compare is not None:
+        check_peer(settings.compare, sorted({case.model for case in cases}))
+    rows: list[Row] = []
+    for index, case in enumerate(cases, 1):
+        log(f"[{index}/{len(cases)}] {case}")
+        rows.extend(run_case(case, settings, log))
+    return rows
+
+
+COLUMNS = (
+    ("model", lambda r: r.model),
+    ("impl", lambda r: r.impl),
+    ("batch", lambda r: str(r.batch_size)),
+    ("dtype", lambda r: r.dtype),
+    ("mode", lambda r: r.mode),
+    ("compile", lambda r: "yes" if r.compile else "no"),
+    ("grad ckpt", lambda r: "yes" if r.grad_checkpointing else "no"),
+    ("img/s", lambda r: f"{r.img_per_s:.2f}"),
+    ("ms/batch", lambda r: f"{r.ms_per_batch:.1f}"),
+    ("vs peer", lambda r: "" if r.ratio_to_peer is None else f"{r.ratio_to_peer:.2f}x"),
+    ("GFLOP/s", lambda r: f"{r.model_gflop_per_s:.0f}"),
+    ("of GEMM", lambda r: f"{r.gemm_fraction:.0%}"),
+    ("peak MB", lambda r: f"{r.peak_memory_mb:.0f}"),
+    ("act. MB", lambda r: "" if r.activation_memory_mb is None else f"{r.activation_memory_mb:.0f}"),
+)
+
+
+def format_table(rows: list[Row], markdown: bool = False) -> str:
+    """The rows as an aligned text table (or a Markdown table for the README)."""
+    header = [name for name, _ in COLUMNS]
+    body = [[cell(row) for _, cell in COLUMNS] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) for cells in [header, *body])
+
+
+def checkpointing_summary(rows: list[Row]) -> list[str]:
+    """One line per training row measured with grad checkpointing: activation memory against the same run without."""
+
+    def key(row: Row) -> tuple:
+        return row.impl, row.model, row.batch_size, row.dtype, row.compile
+
+    plain = {key(row): row for row in rows if row.mode == "train" and not row.grad_checkpointing}
+    lines = []
+    for row in rows:
+        base = plain.get(key(row)) if row.grad_checkpointing else None
+        if base is None or not base.activation_memory_mb:
+            continue
+        cut = 1 - row.activation_memory_mb / base.activation_memory_mb
+        lines.append(
+            f"{row.impl} {row.model} batch {row.batch_size} {row.dtype}{' compiled' if row.compile else ''}: "
+            f"activation memory {base.activation_memory_mb:.0f} -> {row.activation_memory_mb:.0f} MB with grad "
+            f"checkpointing ({cut:.0%} less); peak {base.peak_memory_mb:.0f} -> {row.peak_memory_mb:.0f} MB; "
+            f"speed {row.img_per_s / base.img_per_s:.2f}x"
+        )
+    return lines
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    info = {
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def write_results(rows: list[Row], out_dir: str | Path, settings: dict) -> tuple[Path, Path]:
+    """`results.csv` (one line per row) and `results.json` (rows, per-round times, machine, settings), atomically."""
+    out_dir = Path(out_dir)
+    names = [f.name for f in fields(Row) if f.name != "rounds_ms"]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: v for k, v in asdict(row).items() if k != "rounds_ms"})
+    csv_path, json_path = out_dir / "results.csv", out_dir / "results.json"
+    write_atomic(csv_path, text.getvalue().encode())
+    document = {"machine": machine(), "settings": settings, "rows": [asdict(row) for row in rows]}
+    write_atomic(json_path, (json.dumps(document, indent=2) + "\n").encode())
+    return csv_path, json_path
+
+
+def run_command(cases: list[Case], settings: Settings, out_dir: str | Path, markdown: bool = False) -> list[Row]:
+    """`allmlp bench`: run, print the table (and the grad-checkpointing memory lines), write CSV and JSON."""
+    rows = bench(cases, settings)
+    print(
+        f"{machine()['cpu']}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"device {settings.device}, {settings.clock} clock"
+    )
+    print(format_table(rows, markdown))
+    for line in checkpointing_summary(rows):
+        print(line)
+    csv_path, json_path = write_results(rows, out_dir, {"cases": [asdict(c) for c in cases], **asdict(settings)})
+    print(f"wrote {csv_path} and {json_path}")
+    return rows

@@ -1,0 +1,94 @@
+"""`allmlp bench`: cases, FLOP counts, the table and files it writes, bad input. No timing is asserted."""
+
+import csv
+import json
+
+import pytest
+
+from allmlp.cli import main
+from allmlp.tools.bench import Case, Settings, bench, expand_cases, model_flops
+
+COLUMNS = ["img/s", "ms/batch", "vs peer", "GFLOP/s", "of GEMM", "peak MB", "act. MB"]
+QUICK = ["--models", "mixer_s32_224", "--batch-sizes", "1", "--rounds", "1", "--warmup", "1", "--gemm-size", "64"]
+
+
+def test_flops_of_b16_are_the_papers():
+    assert model_flops("mixer_b16_224", 1, "inference") == pytest.approx(25.2e9, rel=0.001)  # 12.6 GMACs
+    assert model_flops("mixer_b16_224", 2, "train") == pytest.approx(2 * 3 * 25.2e9, rel=0.01)  # fwd + 2x bwd
+
+
+def test_cases_cover_every_combination_once():
+    cases = expand_cases(["mixer_s32_224"], [1, 2], ["fp32", "bf16", "bf16-autocast"], ["inference", "train"],
+                         [False, True], grad_checkpointing=True)  # fmt: skip
+    inference = [c for c in cases if c.mode == "inference"]
+    train = [c for c in cases if c.mode == "train"]
+    assert len(inference) == 2 * 3 * 2 and not any(c.grad_checkpointing for c in inference)
+    assert {c.dtype for c in train} == {"fp32", "bf16"}  # training in bf16 is autocast either way
+    assert len(train) == 2 * 2 * 2 * 2 and len(set(cases)) == len(cases)
+
+
+@pytest.mark.parametrize(
+    "call, fragment",
+    [
+        (lambda: expand_cases(["mixer_x1"], [1], ["fp32"], ["inference"], [False]), "unknown model 'mixer_x1'"),
+        (lambda: expand_cases(["mixer_s32_224"], [0], ["fp32"], ["inference"], [False]), "batch sizes must be"),
+        (lambda: expand_cases(["mixer_s32_224"], [1], ["fp16"], ["inference"], [False]), "dtype must be one of"),
+        (lambda: expand_cases(["mixer_s32_224"], [1], ["fp32"], ["eval"], [False]), "mode must be one of"),
+        (lambda: Settings(compare="authors"), "compare must be one of"),
+        (lambda: Settings(rounds=0), "rounds and warmup must be >= 1"),
+        (lambda: Settings(clock="tsc"), "clock must be one of"),
+        (lambda: Settings(threads=0), "threads must be >= 1"),
+    ],
+)
+def test_bad_settings_are_named(call, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        call()
+
+
+def test_a_model_timm_lacks_cannot_be_compared():
+    with pytest.raises(ValueError, match="timm has no 'mixer_s8_224'"):
+        bench([Case("mixer_s8_224", 1, "fp32", "inference", False)], Settings(compare="timm"), log=lambda _: None)
+
+
+def test_cli_reports_bad_input(capsys):
+    assert main(["bench", "--models", "mixer_nope"]) == 2
+    assert "unknown model 'mixer_nope'" in capsys.readouterr().err
+
+
+def test_bench_against_timm_writes_table_csv_and_json(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", *QUICK, "--dtypes", "bf16", "--modes", "inference", "train", "--compare", "timm"]
+    assert main([*args, "--grad-checkpointing", "--threads", "1", "--clock", "cpu", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    header = captured.out.splitlines()[1]
+    assert all(column in header for column in COLUMNS)
+    assert "activation memory" in captured.out and "with grad checkpointing" in captured.out
+    assert "round 1/1" in captured.err and "[3/3]" in captured.err  # progress
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["impl"], r["mode"], r["grad_checkpointing"]) for r in rows] == [
+        ("allmlp", "inference", "False"),
+        ("timm", "inference", "False"),
+        ("allmlp", "train", "False"),
+        ("timm", "train", "False"),
+        ("allmlp", "train", "True"),
+        ("timm", "train", "True"),
+    ]
+    for row in rows:
+        assert float(row["img_per_s"]) > 0 and float(row["gemm_fraction"]) > 0 and float(row["peak_memory_mb"]) > 0
+        assert (row["ratio_to_peer"] != "") == (row["impl"] == "allmlp")
+        assert (row["activation_memory_mb"] != "") == (row["mode"] == "train")
+    plain, checkpointed = float(rows[2]["activation_memory_mb"]), float(rows[4]["activation_memory_mb"])
+    assert 0 < checkpointed < plain / 2  # only the block inputs are kept
+
+    document = json.loads((out / "results.json").read_text())
+    assert document["settings"]["compare"] == "timm" and document["machine"]["threads"] == 1
+    assert len(document["rows"]) == 6 and all(len(r["rounds_ms"]) == 1 for r in document["rows"])
+
+
+def test_bench_alone_in_fp32(tmp_path, capsys):
+    assert main(["bench", *QUICK, "--dtypes", "fp32", "--out", str(tmp_path), "--markdown"]) == 0
+    table = capsys.readouterr().out
+    assert "| model | impl |" in table and "| mixer_s32_224 | allmlp | 1 | fp32 | inference |" in table
+    assert (tmp_path / "results.csv").is_file() and (tmp_path / "results.json").is_file()
