@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="bench_results/mixer", help="one folder of results per suite in here")
+    parser.add_argument("--out", default="bench-results/mixer", help="one folder of results per suite in here")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables (for the README)")
     args = parser.parse_args()
     settings = Settings(

@@ -383,7 +383,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         default="wall",
         help="cpu: process CPU time; with --threads 1 it ignores other load on a shared machine",
     )
-    p.add_argument("--out", default="bench_results", help="folder for results.csv and results.json")
+    p.add_argument("--out", default="bench-results", help="folder for results.csv and results.json")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.set_defaults(run=_run_bench)
 
