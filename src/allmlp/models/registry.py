@@ -155,7 +155,7 @@ REGISTRY.update(
             architecture=CycleMLP,
             config=dict(img_size=224, num_classes=1000, **config),
             preprocessing=_imagenet_preprocessing(
-                0.875, "DeiT evaluation: shorter side to 256 (bicubic), centre crop 224"
+                0.875, "the authors' evaluation (DeiT's main.py): shorter side to 256, centre crop 224"
             ),
             releases=(
                 WeightRelease(
@@ -178,7 +178,7 @@ REGISTRY.update(
             architecture=VisionPermutator,
             config=dict(img_size=224, num_classes=1000, **config),
             preprocessing=_imagenet_preprocessing(
-                _VIP_RELEASES[variant][2], f"timm evaluation: bicubic, crop_pct {_VIP_RELEASES[variant][2]}"
+                _VIP_RELEASES[variant][2], "the authors' evaluation (timm's validate.py with their default_cfg)"
             ),
             releases=(
                 WeightRelease(
