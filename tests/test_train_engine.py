@@ -226,7 +226,8 @@ sys.exit(main(["train", "--config", sys.argv[1], "--output", sys.argv[2]]))
 def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     # SGD: the update is linear in the gradient, so float-rounding differences of the all-reduce stay small
     # (Adam divides by sqrt(v) and turns rounding noise in near-zero gradients into full-size steps)
-    overrides = ("train.batch_size=40", "train.steps=5", "data.shift_pixels=2", "checkpoint.every_steps=2")
+    overrides = ("train.batch_size=40", "train.grad_accum=2", "train.steps=5", "data.shift_pixels=2")
+    overrides += ("checkpoint.every_steps=2",)
     overrides += ("optim.name=sgd", "optim.lr=0.5")
     recipe = tiny(tmp_path, *overrides)
     single, one = run(tmp_path, *overrides, out="one")

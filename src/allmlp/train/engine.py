@@ -199,8 +199,10 @@ def _fit(cfg: RunConfig, run_dir: Path, procs: distributed.Processes, resume: bo
     dtype = autocast_dtype(t, device)
 
     train_model: nn.Module = model
+    ddp = None
     if procs.distributed:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        train_model = ddp
     if t.compile:
         train_model = torch.compile(train_model)
 
@@ -209,8 +211,10 @@ def _fit(cfg: RunConfig, run_dir: Path, procs: distributed.Processes, resume: bo
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
         log = RunLog(run_dir, total_steps, position.step, progress)
+        changed = "".join(f", {k}={v}" for k, v in cfg.model.overrides.items())
         log.message(
-            f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters, {loaders.num_classes} "
+            f"{cfg.model.name}{f' ({changed[2:]})' if changed else ''}: "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters, {loaders.num_classes} "
             f"classes, {steps_per_epoch} steps/epoch x batch {t.batch_size}, {total_steps} steps, "
             f"{procs.world_size} process(es) on {device}, {'bf16 autocast' if dtype else 'fp32'}"
         )
@@ -237,7 +241,7 @@ def _fit(cfg: RunConfig, run_dir: Path, procs: distributed.Processes, resume: bo
     window = _LossWindow()
     usable = steps_per_epoch * t.grad_accum
     micro_batches = _micro_batches(loaders.train, position.epoch, position.batch, usable)
-    mix_generator = torch.Generator(device=device)
+    mix_generator = torch.Generator()  # MixUp/CutMix draw their parameters on the CPU
     started, started_step = time.monotonic(), position.step
     window_start, window_images = time.monotonic(), 0
     last_eval: dict | None = None
@@ -257,7 +261,7 @@ def _fit(cfg: RunConfig, run_dir: Path, procs: distributed.Processes, resume: bo
                 if loaders.mix is not None:
                     images, targets = loaders.mix(images, targets, mix_generator)
                 last = accum == t.grad_accum - 1
-                sync = contextlib.nullcontext() if last or not procs.distributed else train_model.no_sync()
+                sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
                 with sync:
                     with _autocast(device, dtype):
                         logits = train_model(images)
