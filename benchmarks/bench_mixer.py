@@ -77,7 +77,10 @@ def main() -> None:
         rows = bench(expand_cases(**SUITES[suite]), settings)
         head_to_head = best_vs_best(rows, settings) if suite in HEAD_TO_HEAD else []
         info = machine()
-        print(f"\n## {suite}: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, {args.clock} clock")
+        print(
+            f"\n## {suite}: {info['cpu']} ({info['cpu_bf16_unit']}), {info['threads']} threads, "
+            f"torch {info['torch']}, {args.clock} clock"
+        )
         print(format_table(rows, args.markdown))
         for line in checkpointing_summary(rows):
             print(line)

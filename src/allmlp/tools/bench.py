@@ -488,9 +488,11 @@ def checkpointing_summary(rows: list[Row]) -> list[str]:
 
 
 def machine() -> dict:
-    """What the numbers were measured on."""
+    """What the numbers were measured on (the bf16 matrix unit decides most of a CPU's bf16 speed)."""
+    name, flags = _cpu_info()
     info = {
-        "cpu": _cpu_name(),
+        "cpu": name,
+        "cpu_bf16_unit": "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else "none",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -501,12 +503,18 @@ def machine() -> dict:
     return info
 
 
-def _cpu_name() -> str:
+def _cpu_info() -> tuple[str, set[str]]:
+    """Model name and feature flags from /proc/cpuinfo (Linux); elsewhere what `platform` knows."""
+    name, flags = platform.processor() or platform.machine(), set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    return name, flags
 
 
 def write_results(rows: list[Row], out_dir: str | Path, settings: dict) -> tuple[Path, Path]:
@@ -528,8 +536,9 @@ def write_results(rows: list[Row], out_dir: str | Path, settings: dict) -> tuple
 def run_command(cases: list[Case], settings: Settings, out_dir: str | Path, markdown: bool = False) -> list[Row]:
     """`allmlp bench`: run, print the table (and the grad-checkpointing memory lines), write CSV and JSON."""
     rows = bench(cases, settings)
+    info = machine()
     print(
-        f"{machine()['cpu']}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{info['cpu']} ({info['cpu_bf16_unit']}), {info['threads']} threads, torch {info['torch']}, "
         f"device {settings.device}, {settings.clock} clock"
     )
     print(format_table(rows, markdown))
