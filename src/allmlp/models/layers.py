@@ -116,7 +116,7 @@ class DropPath(nn.Module):
         return x * mask / keep
 
     def extra_repr(self) -> str:
-        return f"rate={self.rate}"
+        return f"rate={self.rate}, batch_dim={self.batch_dim}"
 
 
 def linear_drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
