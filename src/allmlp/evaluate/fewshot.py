@@ -28,7 +28,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torchvision.datasets import ImageFolder
 
-from ..tools.inference import eval_transform, forward_images, load_model, resolve_device, write_atomic
+from ..atomic import write_bytes_atomic
+from ..tools.inference import eval_transform, forward_images, load_model, resolve_device
 from ..weights.files import write_safetensors
 
 L2_GRID = tuple(2.0**i for i in range(-10, 20))
@@ -313,4 +314,4 @@ def format_results(report: dict) -> str:
 
 
 def save_report(report: dict, path: str | os.PathLike) -> None:
-    write_atomic(path, (json.dumps(report, indent=1) + "\n").encode())
+    write_bytes_atomic(path, (json.dumps(report, indent=1) + "\n").encode())

@@ -34,8 +34,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..atomic import write_bytes_atomic
 from ..models.registry import create_model, list_models
-from .inference import write_atomic
 
 DTYPES = ("fp32", "bf16", "bf16-autocast")
 MODES = ("inference", "train")
@@ -527,9 +527,9 @@ def write_results(rows: list[Row], out_dir: str | Path, settings: dict) -> tuple
     for row in rows:
         writer.writerow({k: v for k, v in asdict(row).items() if k != "rounds_ms"})
     csv_path, json_path = out_dir / "results.csv", out_dir / "results.json"
-    write_atomic(csv_path, text.getvalue().encode())
+    write_bytes_atomic(csv_path, text.getvalue().encode())
     document = {"machine": machine(), "settings": settings, "rows": [asdict(row) for row in rows]}
-    write_atomic(json_path, (json.dumps(document, indent=2) + "\n").encode())
+    write_bytes_atomic(json_path, (json.dumps(document, indent=2) + "\n").encode())
     return csv_path, json_path
 
 

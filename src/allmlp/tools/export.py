@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import atomic_path
 from ..models.registry import create_model
 from .inference import input_size, load_model
 
@@ -47,11 +47,7 @@ def export(model: nn.Module, out: str | os.PathLike, fmt: str, seed: int = 0) ->
         expected = model(check_input)
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=f".tmp{out.suffix}", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
+    with atomic_path(out) as tmp:  # the file appears only once it has reproduced PyTorch
         run = _WRITERS[fmt](model, trace_input, tmp)
         got = run(check_input)
         if got.shape != expected.shape:
@@ -65,10 +61,6 @@ def export(model: nn.Module, out: str | os.PathLike, fmt: str, seed: int = 0) ->
                 f"{fmt} export does not reproduce PyTorch: max abs difference {diff.max().item():.3g} "
                 f"(tolerance {TOLERANCE} absolute + {TOLERANCE} relative)"
             )
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; an export is meant to be shipped
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return ExportCheck(out, fmt, diff.max().item(), CHECK_BATCH)
 
 

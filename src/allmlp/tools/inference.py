@@ -8,7 +8,6 @@ that cannot be read is reported by index instead of stopping the whole run.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,18 +152,3 @@ def forward_images(
         indices.extend(index for index, _ in good)
     width = outputs[0].shape[1] if outputs else 0
     return ImageOutputs(torch.cat(outputs) if outputs else torch.empty(0, width), indices, failures)
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file whole or not at all: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import write_bytes_atomic
 from ..weights.files import write_safetensors
-from .inference import eval_transform, find_images, forward_images, load_model, resolve_device, write_atomic
+from .inference import eval_transform, find_images, forward_images, load_model, resolve_device
 
 
 def class_names(num_classes: int, labels_file: str | os.PathLike | None = None) -> list[str] | None:
@@ -141,8 +142,8 @@ def embed(
     else:
         array = io.BytesIO()
         np.save(array, result.outputs.numpy(), allow_pickle=False)
-        write_atomic(out, array.getvalue())
-        write_atomic(out.with_suffix(".json"), json.dumps({"paths": kept, **info}, indent=1).encode())
+        write_bytes_atomic(out, array.getvalue())
+        write_bytes_atomic(out.with_suffix(".json"), json.dumps({"paths": kept, **info}, indent=1).encode())
     return len(kept), {str(paths[i]): reason for i, reason in result.failures.items()}
 
 

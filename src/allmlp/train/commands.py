@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import write_json_atomic
 from ..data import build_eval_loader
 from ..evaluate.metrics import Accuracy, RealAccuracy, imagenet_val_index, load_real_labels
 from ..models.registry import get_entry
@@ -19,7 +20,6 @@ from . import distributed
 from .checkpoint import latest_checkpoint
 from .config import ConfigError, RunConfig, build_dataclass, check_run_config, dump_yaml, load_config, read_yaml
 from .engine import autocast_dtype, build_model, fit, model_img_size
-from .outputs import write_json_atomic
 
 DEFAULT_RECIPES = {"train": "demo", "finetune": "mixer_finetune_imagefolder", "eval": None}
 
