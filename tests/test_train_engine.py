@@ -81,7 +81,7 @@ def test_run_directory_outputs(tmp_path, capsys):
     assert summary["eval_top5"] >= summary["eval_top1"]
     assert summary["best_eval_top1"] == max(r["eval_top1"] for r in eval_rows)
     assert summary["steps"] == 6 and summary["images_seen"] == 300
-    assert summary["wall_time_s"] > 0 and summary["skipped_images"] == []
+    assert summary["wall_time_s"] > 0 and summary["skipped_images"] == 0
     assert len(summary["per_class_top1"]) == 10
 
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -320,8 +320,9 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
     _image_folder(tmp_path / "images", corrupt=1)
     with pytest.warns(UserWarning, match="0.png"):
         summary, _ = run(tmp_path, *_folder_overrides(tmp_path / "images", 0.1))
-    assert summary["skipped_images"] == [str(tmp_path / "images" / "train" / "circle" / "0.png")]
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_images"] == summary["skipped_images"]
+    assert summary["skipped_images"] == 1
+    assert summary["skipped_files"] == [str(tmp_path / "images" / "train" / "circle" / "0.png")]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_files"] == summary["skipped_files"]
 
 
 def test_too_many_corrupt_images_stop_the_run_naming_them(tmp_path, capsys):

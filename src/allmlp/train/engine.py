@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import write_json_atomic
 from ..data import build_loaders
 from ..data.sampling import mix_seed
 from ..evaluate.metrics import Accuracy
@@ -29,7 +30,7 @@ from . import distributed
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig, dump_yaml
 from .optim import EMA, Schedule, build_optimizer
-from .outputs import SUMMARY_FILE, RunLog, plot_metrics, write_json_atomic
+from .outputs import SUMMARY_FILE, RunLog, plot_metrics
 
 # streams of randomness, distinct from the data layer's (allmlp.data.sampling uses 0..4)
 _INIT, _STEP, _MIX = 100, 101, 102
@@ -326,7 +327,8 @@ def _fit(cfg: RunConfig, run_dir: Path, procs: distributed.Processes, resume: bo
         "epochs": position.step / steps_per_epoch,
         "images_seen": position.images_seen,
         "wall_time_s": position.elapsed_s,
-        "skipped_images": loaders.skipped(),
+        "skipped_images": len(loaders.skipped()),
+        "skipped_files": loaders.skipped(),
         "model": cfg.model.name,
         "world_size": procs.world_size,
         "device": str(device),
