@@ -28,3 +28,18 @@ def test_unknown_model_is_an_error_with_close_matches(capsys):
 def test_python_dash_m_is_the_console_script():
     result = subprocess.run([sys.executable, "-m", "allmlp", "--help"], capture_output=True, text=True, check=True)
     assert "usage: allmlp" in result.stdout and "convert" in result.stdout
+
+
+def test_finetune_img_size_becomes_the_model_img_size_override(monkeypatch):
+    seen = {}
+
+    def fake_train_command(command, config, overrides, output, resume, weights):
+        seen.update(command=command, overrides=overrides, weights=weights)
+
+    monkeypatch.setattr("allmlp.train.commands.train_command", fake_train_command)
+    assert cli(["finetune", "--weights", "w.npz", "--img-size", "448", "data.root=/data/pets"]) == 0
+    assert seen == {
+        "command": "finetune",
+        "overrides": ["data.root=/data/pets", "model.img_size=448"],
+        "weights": "w.npz",
+    }

@@ -250,7 +250,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> None:
     from .train.commands import train_command
 
-    train_command(args.command, args.config, args.overrides, args.output, args.resume, args.weights)
+    overrides = args.overrides
+    if getattr(args, "img_size", None) is not None:
+        overrides = [*overrides, f"model.img_size={args.img_size}"]
+    train_command(args.command, args.config, overrides, args.output, args.resume, args.weights)
 
 
 def _run_eval(args: argparse.Namespace) -> None:
@@ -304,6 +307,12 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         "Load --weights (any supported format), replace the classifier by a zero-initialised one for the data's "
         "classes and train with the fine-tuning recipe (default: the authors' Mixer recipe on an ImageFolder "
         "tree; set data.root=DIR).",
+    )
+    p.add_argument(
+        "--img-size",
+        type=int,
+        help="fine-tune at this input size (= model.img_size=N); Mixer weights of another size are adapted with "
+        "allmlp.adapt_resolution (block-diagonal token mixing for integer factors, paper App. C)",
     )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly from its last checkpoint")
     p.set_defaults(run=_run_train)
