@@ -135,3 +135,36 @@ def lecun_normal_(tensor: torch.Tensor) -> torch.Tensor:
     fan_in = tensor.shape[1] * math.prod(tensor.shape[2:])
     std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
     return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+
+def zero_head(num_features: int, num_classes: int) -> nn.Module:
+    """A zero-initialised linear classifier (the Mixer reference's head init), or Identity for num_classes=0."""
+    if num_classes == 0:
+        return nn.Identity()
+    head = nn.Linear(num_features, num_classes)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+class ClassifierInterface:
+    """The head and checkpointing methods every allmlp model shares.
+
+    The model sets `num_features`, `num_classes`, `config`, `head`, `norm` (the final LayerNorm) and
+    `grad_checkpointing`, and recomputes its blocks in the backward pass while `grad_checkpointing` is on.
+    """
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass: same outputs and gradients, far less memory."""
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head by a zero-initialised one for `num_classes` (0: no head, pre-logits out)."""
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        like = self.norm.weight
+        self.head = zero_head(self.num_features, num_classes).to(device=like.device, dtype=like.dtype)
+        self.num_classes = self.config["num_classes"] = num_classes

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import DropPath, Mlp, lecun_normal_, linear_drop_path_rates, to_pair
+from .layers import ClassifierInterface, DropPath, Mlp, lecun_normal_, linear_drop_path_rates, to_pair, zero_head
 
 LAYER_NORM_EPS = 1e-6
 
@@ -75,7 +75,7 @@ class MixerBlock(nn.Module):
         return mlp(y, residual=x, features_first=features_first)
 
 
-class MlpMixer(nn.Module):
+class MlpMixer(ClassifierInterface, nn.Module):
     """MLP-Mixer. `forward_features` gives (B, S, C) tokens after the final LayerNorm."""
 
     def __init__(
@@ -137,16 +137,8 @@ class MlpMixer(nn.Module):
         )
         self.norm = nn.LayerNorm(hidden_dim, eps=LAYER_NORM_EPS)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = self._new_head(num_classes)
+        self.head = zero_head(hidden_dim, num_classes)
         self.init_weights()
-
-    def _new_head(self, num_classes: int) -> nn.Module:
-        if num_classes == 0:
-            return nn.Identity()
-        head = nn.Linear(self.num_features, num_classes)
-        nn.init.zeros_(head.weight)
-        nn.init.zeros_(head.bias)
-        return head
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -161,22 +153,6 @@ class MlpMixer(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass: same outputs and gradients, far less memory."""
-        self.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a zero-initialised one for `num_classes` (0: no head, pre-logits out)."""
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
-        device = self.norm.weight.device
-        dtype = self.norm.weight.dtype
-        self.head = self._new_head(num_classes).to(device=device, dtype=dtype)
-        self.num_classes = self.config["num_classes"] = num_classes
 
     def _check_input(self, x: torch.Tensor) -> None:
         if torch.jit.is_tracing():  # a trace records one fixed shape; the check would only warn there

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import DropPath, Mlp, linear_drop_path_rates, to_pair
+from .layers import ClassifierInterface, DropPath, Mlp, linear_drop_path_rates, to_pair
 
 LAYER_NORM_EPS = 1e-5
 
@@ -169,7 +169,7 @@ def check_stage_lists(layers: Sequence[int], **lists: Sequence) -> None:
             raise ValueError(f"{name} needs one entry per stage ({len(layers)} stages), got {values!r}")
 
 
-class StagedMLP(nn.Module):
+class StagedMLP(ClassifierInterface, nn.Module):
     """What ViP and CycleMLP share: the `network` of stages, final norm, mean pooling, head, and the model API.
 
     Subclasses build `patch_embed`, `network` (stages are `nn.Sequential` of blocks), `norm` and `head`.
@@ -207,24 +207,6 @@ class StagedMLP(nn.Module):
 
     def _new_head(self, num_classes: int) -> nn.Module:
         return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass: same outputs and gradients, far less memory."""
-        self.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a zero-initialised one for `num_classes` (0: no head, pre-logits out)."""
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
-        head = self._new_head(num_classes)
-        if num_classes > 0:
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
-        self.head = head.to(device=self.norm.weight.device, dtype=self.norm.weight.dtype)
-        self.num_classes = self.config["num_classes"] = num_classes
 
     def _run_layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not (isinstance(layer, nn.Sequential) and self.grad_checkpointing and torch.is_grad_enabled()):
