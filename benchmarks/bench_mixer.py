@@ -1,7 +1,7 @@
 """MLP-Mixer speed: allmlp against timm's same architecture in one process, with interleaved rounds.
 
 Each suite is a call of allmlp's bench tool (`allmlp bench --help` has every knob); timm gets allmlp's weights
-and must give the same float32 logits before anything is timed.
+and must give the same float32 features (the final norm's tokens) before anything is timed.
 
   foundation  Mixer-B/16, batch 16, inference: fp32 and bf16 weights (the foundation issue's table)
   inference   Mixer-B/16, batch 16, inference: fp32, bf16 weights, bf16 autocast, each eager and compiled

@@ -2,6 +2,10 @@
 
 import csv
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +96,33 @@ def test_bench_alone_in_fp32(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| model | impl |" in table and "| mixer_s32_224 | allmlp | 1 | fp32 | inference |" in table
     assert (tmp_path / "results.csv").is_file() and (tmp_path / "results.json").is_file()
+
+
+def test_cyclemlp_vip_benchmark_checks_the_authors_formulation_and_prints_its_table():
+    """benchmarks/bench_cyclemlp_vip.py runs end to end: same logits as the authors' formulation, every row."""
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_cyclemlp_vip.py"
+    command = [sys.executable, str(script), "--threads", "1", "--batch", "1", "--rounds", "1"]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    differences = [float(d) for d in re.findall(r"max \|logit difference\|.*: (\S+)", output)]
+    assert len(differences) == 2 and max(differences) < 1e-5
+    rows = [line for line in output.splitlines() if line.startswith("| cyclemlp_b1 |") or line.startswith("| vip_s7 |")]
+    assert len(rows) == 4 and all(re.search(r"\| \d+\.\d\dx \|$", row) for row in rows)
+
+
+def test_a_peer_that_computes_something_else_is_refused():
+    """The check compares features: a new Mixer's zero head makes every logit 0, which would hide any difference."""
+    import copy
+
+    import torch
+
+    from allmlp import MlpMixer
+    from allmlp.tools.bench import _check_same_function
+
+    ours = MlpMixer(img_size=32, patch_size=8, num_classes=10, hidden_dim=16, num_blocks=2, tokens_mlp_dim=8,
+                    channels_mlp_dim=32)  # fmt: skip
+    peer = copy.deepcopy(ours)
+    assert _check_same_function(ours, peer, "tiny") < 1e-5
+    with torch.no_grad():
+        peer.blocks[1].mlp_channels.fc2.weight[0].add_(0.5)
+    with pytest.raises(ValueError, match=r"disagree on tiny: max \|feature difference\|"):
+        _check_same_function(ours, peer, "tiny")

@@ -4,8 +4,8 @@ How it measures, and why:
 - A shared machine is noisy, so every round times allmlp, the peer and a square matrix product back to back, in
   alternating order; a ratio is taken inside each round and the median over rounds is reported. Speeds are the
   median step time of the rounds.
-- Both implementations get the same weights (the peer loads allmlp's state dict) and must give the same logits
-  in float32 before anything is timed: the comparison is between two ways of computing one function.
+- Both implementations get the same weights (the peer loads allmlp's state dict) and must give the same
+  features in float32 before anything is timed: the comparison is between two ways of computing one function.
 - "of GEMM" divides the model's FLOP rate by the rate of a square matrix product in the same dtype, timed in the
   same rounds: how close the model runs to what the hardware reaches on its best operation.
 - `clock="cpu"` times with the process's CPU time instead of the wall clock. With one thread that is the work
@@ -295,15 +295,16 @@ def _cpu_memory(step: Step) -> tuple[float, float | None]:
 
 
 def _check_same_function(ours: nn.Module, peer: nn.Module, name: str) -> float:
-    """Max |logit difference| in float32 on two random images; a peer that computes something else is an error."""
+    """Max |difference| of the float32 features (the final norm's tokens) on two random images; a peer that
+    computes something else is an error. Features, not logits: a new Mixer's head is zero, so its logits are."""
     images = torch.randn(
         2, ours.config["in_chans"], *ours.config["img_size"], generator=torch.Generator().manual_seed(1)
     )
     with torch.no_grad():
-        a, b = ours.eval()(images), peer.eval()(images)
+        a, b = ours.eval().forward_features(images), peer.eval().forward_features(images)
     diff = (a - b).abs().max().item()
     if not diff <= 1e-4 * max(1.0, b.abs().max().item()):
-        raise ValueError(f"allmlp and the peer disagree on {name}: max |logit difference| {diff:.3g}")
+        raise ValueError(f"allmlp and the peer disagree on {name}: max |feature difference| {diff:.3g}")
     return diff
 
 
@@ -361,7 +362,7 @@ def run_case(case: Case, settings: Settings, log: Callable[[str], None], peer_ca
     if peer is not None:
         peer_model = _build(peer, case.model, settings.allmlp_gelu, ours)
         diff = _check_same_function(ours, peer_model, case.model)
-        log(f"  same weights, float32 logits agree with {peer}: max |difference| {diff:.1e}")
+        log(f"  same weights, float32 features agree with {peer}: max |difference| {diff:.1e}")
     steps = {IMPL: Step(ours, case, device, settings.freezing, ours, settings.clock)}
     if peer is not None:
         steps[peer] = Step(peer_model, peer_case, device, settings.freezing, ours, settings.clock)
