@@ -1,11 +1,8 @@
 """CycleMLP as the authors compute it: Cycle FC vs deform_conv2d, the authors' forward, their checkpoints, export."""
 
-import re
-import warnings
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import pytest
 import torch
 from torch import nn
@@ -16,6 +13,8 @@ from allmlp.models import cyclemlp
 from allmlp.models.cyclemlp import CycleFC, CycleTokenMixer, cycle_shift, cycle_shift_kernel, cycle_shifts
 from allmlp.tools.convert import convert
 from allmlp.weights.authors import cycle_offsets
+
+from helpers import AuthorsMlp, onnx_outputs, published_shapes, randomise
 
 KEYS_B1 = Path(__file__).parent / "data" / "official_cyclemlp_b1_keys.txt"
 
@@ -52,17 +51,6 @@ class AuthorsCycleFC(nn.Module):
     def forward(self, x):
         batch, _, height, width = x.size()
         return deform_conv2d(x, self.offset.expand(batch, -1, height, width), self.weight, self.bias)
-
-
-class AuthorsMlp(nn.Module):
-    def __init__(self, in_features, hidden_features, out_features=None):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class AuthorsCycleMixer(nn.Module):
@@ -149,19 +137,6 @@ class AuthorsCycleNet(nn.Module):
         B, H, W, C = x.shape
         x = self.norm(x.reshape(B, -1, C))
         return self.head(x.mean(1))
-
-
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-zero weights everywhere (biases and heads start at zero); LayerNorm scales around 1."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.3 if p.ndim == 1 else 1.0 / max(1, p[0].numel()) ** 0.5
-            p.copy_(
-                torch.randn(p.shape, generator=generator) * scale
-                + (1.0 if "norm" in name and name.endswith("weight") else 0)
-            )
-    return model
 
 
 def small_model(**overrides) -> allmlp.CycleMLP:
@@ -323,11 +298,7 @@ def published_state_dict(path: Path = KEYS_B1, seed: int = 0) -> dict[str, torch
     """Random tensors under every key of the published B1 checkpoint, with its shapes; the offsets as released."""
     generator = torch.Generator().manual_seed(seed)
     state_dict = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            continue
-        key, shape, dtype, kind = line.split("\t")
-        shape = tuple(int(d) for d in re.findall(r"\d+", shape))
+    for key, shape in published_shapes(path).items():
         if key.endswith(".offset"):
             kernel = (1, 3) if ".sfc_h." in key else (3, 1)
             state_dict[key] = cycle_offsets(shape[1] // 2, kernel)
@@ -449,14 +420,6 @@ def test_bfloat16_forward_is_close_to_float32():
         got = model.to(torch.bfloat16)(x.bfloat16())
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, atol=0.1, rtol=0.05)
-
-
-def onnx_outputs(model: nn.Module, x: torch.Tensor, path: Path, dynamo: bool) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(path), dynamo=dynamo, verbose=False)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
 @pytest.mark.parametrize("dynamo", [False, True])

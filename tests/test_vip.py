@@ -1,17 +1,17 @@
 """Vision Permutator as the authors compute it: their forward and index layouts, checkpoints, sizes, export."""
 
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import pytest
 import torch
 from torch import nn
 
 import allmlp
 from allmlp.cli import main
+
+from helpers import AuthorsMlp, onnx_outputs, published_shapes, randomise
 
 KEYS_S7 = Path(__file__).parent / "data" / "official_vip_s7_keys.txt"
 
@@ -39,17 +39,6 @@ SMALL_M = dict(
 
 # The authors' models/vip.py (houqb/VisionPermutator), re-written from its description without allmlp: the
 # permute/reshape Weighted Permute-MLP, the fusion in their order, permutes around every convolution.
-class AuthorsMlp(nn.Module):
-    def __init__(self, in_features, hidden_features, out_features=None):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class AuthorsWeightedPermuteMLP(nn.Module):
     def __init__(self, dim, segment_dim, qkv_bias):
         super().__init__()
@@ -133,17 +122,6 @@ class AuthorsVisionPermutator(nn.Module):
         B, H, W, C = x.shape
         x = self.norm(x.reshape(B, -1, C))
         return self.head(x.mean(1))
-
-
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-zero weights everywhere (biases start at zero); LayerNorm scales around 1."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.3 if p.ndim == 1 else 1.0 / max(1, p[0].numel()) ** 0.5
-            offset = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-            p.copy_(torch.randn(p.shape, generator=generator) * scale + offset)
-    return model
 
 
 def small_model(config: dict = SMALL, **overrides) -> allmlp.VisionPermutator:
@@ -232,12 +210,7 @@ def test_bad_configs(overrides, message):
 def published_state_dict(path: Path = KEYS_S7, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random tensors under every key of the published ViP-S/7 checkpoint, with its shapes."""
     generator = torch.Generator().manual_seed(seed)
-    state_dict = {}
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            key, shape, _, _ = line.split("\t")
-            state_dict[key] = torch.randn(tuple(int(d) for d in re.findall(r"\d+", shape)), generator=generator)
-    return state_dict
+    return {key: torch.randn(shape, generator=generator) for key, shape in published_shapes(path).items()}
 
 
 @pytest.mark.parametrize("as_file", [False, True])
@@ -332,9 +305,5 @@ def test_onnx_export_reproduces_pytorch(tmp_path, dynamo):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(x).numpy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(tmp_path / "vip.onnx"), dynamo=dynamo, verbose=False)
-    session = onnxruntime.InferenceSession(str(tmp_path / "vip.onnx"), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    got = onnx_outputs(model, x, tmp_path / "vip.onnx", dynamo)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,53 @@
+"""What the CycleMLP and ViP tests share: the authors' MLP, random weights, published key lists, ONNX runs."""
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+from torch import nn
+
+
+class AuthorsMlp(nn.Module):
+    """The MLP both authors' repositories use (timm's of 2021): fc1, GELU, fc2."""
+
+    def __init__(self, in_features, hidden_features, out_features=None):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-zero weights everywhere (biases and heads start at zero); LayerNorm scales around 1."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.3 if p.ndim == 1 else 1.0 / max(1, p[0].numel()) ** 0.5
+            offset = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            p.copy_(torch.randn(p.shape, generator=generator) * scale + offset)
+    return model
+
+
+def published_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a published checkpoint, from its key list (tab-separated key, shape, dtype, kind)."""
+    shapes = {}
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            key, shape, _, _ = line.split("\t")
+            shapes[key] = tuple(int(d) for d in re.findall(r"\d+", shape))
+    return shapes
+
+
+def onnx_outputs(model: nn.Module, x: torch.Tensor, path: Path, dynamo: bool) -> np.ndarray:
+    """Export `model` to ONNX at `path` with either exporter and run it on x with onnxruntime."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=dynamo, verbose=False)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
