@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .layers import ClassifierInterface, DropPath, Mlp, lecun_normal_, linear_drop_path_rates, to_pair, zero_head
+from .interface import ModelInterface, check_global_pool, pretrained_cfg
+from .layers import DropPath, Mlp, lecun_normal_, linear_drop_path_rates, to_pair, zero_head
 
 LAYER_NORM_EPS = 1e-6
 
@@ -30,24 +30,19 @@ CONFIGS = {
 
 
 class PatchEmbed(nn.Module):
-    """Per-patch linear embedding; tokens are the patch grid flattened row-major (h-major, then w)."""
+    """Per-patch linear embedding; tokens are the patch grid flattened row-major (h-major, then w): (B, S, C)."""
 
     def __init__(self, patch_size: tuple[int, int], in_chans: int, hidden_dim: int):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, hidden_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, S, C) tokens, stored token-major: `.transpose(0, 1)` of the result is a contiguous (S, B, C)."""
-        return self.proj(x).flatten(2).permute(2, 0, 1).contiguous().transpose(0, 1)
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class MixerBlock(nn.Module):
-    """Paper eq. (1): token mixing across patches, then channel mixing per patch, each pre-norm + residual.
-
-    Works on token-major activations (S, B, C). Token mixing is then a single `W @ x` product on the (S, B*C)
-    view and channel mixing a single `x @ W^T` on the (S*B, C) view: every matrix product reads contiguous
-    memory and no transpose is ever copied. The residual adds are fused into the second product of each MLP.
-    """
+    """Paper eq. (1) on (B, S, C) tokens: token mixing across patches (`mlp_tokens`, applied to the (B, C, S)
+    transpose), then channel mixing per patch (`mlp_channels`), each pre-norm with a residual."""
 
     def __init__(
         self,
@@ -63,20 +58,19 @@ class MixerBlock(nn.Module):
         self.mlp_tokens = Mlp(num_tokens, tokens_mlp_dim, gelu)
         self.norm2 = nn.LayerNorm(hidden_dim, eps=LAYER_NORM_EPS)
         self.mlp_channels = Mlp(hidden_dim, channels_mlp_dim, gelu)
-        self.drop_path = DropPath(drop_path, batch_dim=1)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._residual(self.mlp_tokens, self.norm1(x), x, features_first=True)
-        return self._residual(self.mlp_channels, self.norm2(x), x, features_first=False)
-
-    def _residual(self, mlp: Mlp, y: torch.Tensor, x: torch.Tensor, features_first: bool) -> torch.Tensor:
-        if self.drop_path.rate and self.training:
-            return x + self.drop_path(mlp(y, features_first=features_first))
-        return mlp(y, residual=x, features_first=features_first)
+        x = x + self.drop_path(self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2))
+        return x + self.drop_path(self.mlp_channels(self.norm2(x)))
 
 
-class MlpMixer(ClassifierInterface, nn.Module):
-    """MLP-Mixer. `forward_features` gives (B, S, C) tokens after the final LayerNorm."""
+class MlpMixer(ModelInterface, nn.Module):
+    """MLP-Mixer. `forward_features` gives the (B, S, C) tokens after the final LayerNorm; its intermediate
+    outputs (`forward_intermediates`, `features_only`) are the blocks'."""
+
+    token_format = "NLC"
+    token_dims = (1,)
 
     def __init__(
         self,
@@ -91,6 +85,7 @@ class MlpMixer(ClassifierInterface, nn.Module):
         gelu: str = "tanh",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
     ):
         super().__init__()
         img_size, patch_size = to_pair(img_size, "img_size"), to_pair(patch_size, "patch_size")
@@ -122,19 +117,42 @@ class MlpMixer(ClassifierInterface, nn.Module):
             gelu=gelu,
             drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
+            global_pool=check_global_pool(global_pool),
         )
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.grid_size = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
         self.num_tokens = self.grid_size[0] * self.grid_size[1]
         self.num_features = hidden_dim
         self.num_classes = num_classes
+        self.global_pool = global_pool
         self.grad_checkpointing = False
+        shape = f"(B, {in_chans}, {img_size[0]}, {img_size[1]})"
+        self.accepts = (
+            "MlpMixer",
+            in_chans,
+            (img_size[0], img_size[0], img_size[1], img_size[1]),
+            f"{shape}; build the model with img_size/in_chans to match, or use allmlp.adapt_resolution for "
+            f"another image size",
+        )
+        self.pretrained_cfg = pretrained_cfg(
+            (in_chans, *img_size),
+            "stem.proj",
+            fixed_input_size=True,
+            num_classes=num_classes,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+            interpolation="bilinear",
+            crop_pct=1.0,
+        )
 
         self.stem = PatchEmbed(patch_size, in_chans, hidden_dim)
         rates = linear_drop_path_rates(drop_path_rate, num_blocks)
         self.blocks = nn.Sequential(
             *(MixerBlock(self.num_tokens, hidden_dim, tokens_mlp_dim, channels_mlp_dim, gelu, rate) for rate in rates)
         )
+        self.feature_info = [
+            dict(module=f"blocks.{i}", num_chs=hidden_dim, reduction=max(patch_size)) for i in range(num_blocks)
+        ]
         self.norm = nn.LayerNorm(hidden_dim, eps=LAYER_NORM_EPS)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = zero_head(hidden_dim, num_classes)
@@ -154,31 +172,35 @@ class MlpMixer(ClassifierInterface, nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if torch.jit.is_tracing():  # a trace records one fixed shape; the check would only warn there
-            return
-        expected = (self.in_chans, *self.img_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"MlpMixer expects input of shape (B, {', '.join(map(str, expected))}), "
-                f"got {tuple(x.shape)}; build the model with img_size/in_chans to match, "
-                f"or use allmlp.adapt_resolution for another image size"
-            )
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^stem", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return self.stem(x)
+
+    def _feature_stages(self) -> list[list[nn.Module]]:
+        return [[block] for block in self.blocks]
+
+    def _to_format(self, x: torch.Tensor, output_fmt: str) -> torch.Tensor:
+        if output_fmt == "NLC":
+            return x
+        return x.reshape(x.shape[0], *self.grid_size, x.shape[-1]).permute(0, 3, 1, 2).contiguous()
+
+    def _intermediate_norm(self, index: int) -> nn.Module:
+        return self.norm
+
+    def _truncate(self, last: int) -> None:
+        self.blocks = self.blocks[: last + 1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, S, C) tokens after the final LayerNorm: a transposed view of the token-major (S, B, C) result."""
-        self._check_input(x)
-        x = self.stem(x).transpose(0, 1)  # token-major (S, B, C), as the blocks want it
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
+        """(B, S, C) tokens after the final LayerNorm."""
+        x = self._embed(x)
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            x = self._run_checkpointed(self.blocks, x)
         else:
             x = self.blocks(x)
-        return self.norm(x).transpose(0, 1)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(x.mean(dim=1))
-        return x if pre_logits else self.head(x)
+        return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -6,7 +6,7 @@ import difflib
 import fnmatch
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from torch import nn
 from ..weights import WeightsError, load_weights, read_config, read_state_dict
 from .cyclemlp import CONFIGS as CYCLEMLP_CONFIGS
 from .cyclemlp import CycleMLP
+from .interface import FeatureNet
 from .mixer import CONFIGS as MIXER_CONFIGS
 from .mixer import MlpMixer
 from .vip import CONFIGS as VIP_CONFIGS
@@ -239,12 +240,16 @@ def create_model(
     num_classes: int | None = None,
     img_size: int | tuple[int, int] | None = None,
     weights: str | os.PathLike | Mapping | None = None,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
     **overrides,
 ) -> nn.Module:
     """Build a registered model (or rebuild one from a file written by `save_weights`) and load weights.
 
     num_classes / img_size / overrides replace the entry's config. With `weights`, a head of another size than
     the checkpoint's is started fresh (zero) when `num_classes` was given, and is an error otherwise.
+    `features_only=True` returns the backbone cut after its last wanted output, whose forward gives the NCHW maps
+    of the blocks or stages `out_indices` (default: all), described by its `feature_info` (timm's interface).
     """
     if _is_weight_file(name):
         stored = read_config(name)
@@ -276,4 +281,4 @@ def create_model(
             reset_head = head is not None and head.shape[0] != num_classes
             weights = state_dict
         load_weights(model, weights, reset_head=reset_head)
-    return model
+    return FeatureNet(model, out_indices) if features_only else model

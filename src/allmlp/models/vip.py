@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .layers import ClassifierInterface, DropPath, Mlp, linear, linear_drop_path_rates, to_pair
+from .interface import ModelInterface, check_global_pool, pretrained_cfg
+from .layers import DropPath, Mlp, linear_drop_path_rates, to_pair
 
 LAYER_NORM_EPS = 1e-5
 
@@ -70,15 +70,21 @@ class Reweight(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def split_attention(h: torch.Tensor, w: torch.Tensor, c: torch.Tensor, reweight: Reweight) -> torch.Tensor:
-    """Fuse three branches (B, H, W, *channels) by per-channel softmax weights computed from their mean.
+def branch_means(h: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(B, C): the mean over tokens of the sum of three branches (B, H, W, *channels), which split attention's
+    `reweight` maps to the branch weights."""
+    return (h.mean((1, 2)) + w.mean((1, 2)) + c.mean((1, 2))).flatten(1)
 
-    The reweight output is indexed channel * 3 + branch (the authors reshape it to (B, C, 3)). Branches may be
+
+def split_attention(
+    h: torch.Tensor, w: torch.Tensor, c: torch.Tensor, weights: torch.Tensor, channel_shape: list[int]
+) -> torch.Tensor:
+    """Fuse three branches (B, H, W, *channel_shape) by per-channel softmax weights (`reweight`'s output).
+
+    The weights are indexed channel * 3 + branch (the authors reshape them to (B, C, 3)). Branches may be
     strided views (ViP's permuted outputs); the result has the memory layout of `c`, which is contiguous.
     """
-    batch, channel_shape = c.shape[0], c.shape[3:]
-    pooled = (h.mean((1, 2)) + w.mean((1, 2)) + c.mean((1, 2))).reshape(batch, -1)
-    a = reweight(pooled).view(batch, 1, 1, *channel_shape, 3).softmax(dim=-1)
+    a = weights.reshape([weights.shape[0], 1, 1] + channel_shape + [3]).softmax(dim=-1)
     return (c * a[..., 2]).addcmul_(h, a[..., 0]).addcmul_(w, a[..., 1])
 
 
@@ -99,30 +105,24 @@ class WeightedPermuteMLP(nn.Module):
         self.reweight = Reweight(dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The mixed tokens, plus `residual` if given (added inside the projection's matrix product)."""
-        batch, height, width, dim = x.shape
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, dim = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         seg = self.segment_dim
         size = dim // seg
-        x5 = x.view(batch, height, width, seg, size)
+        x5 = x.reshape(batch, height, width, seg, size)
         # Permute so the mixed axis sits next to the segment's channels, map, and view the result back: the
         # branches stay strided views and are read once, by the fusion below, instead of being copied back.
         h = self.mlp_h(x5.permute(0, 3, 2, 1, 4).reshape(batch, seg, width, height * size))
-        h = h.view(batch, seg, width, height, size).permute(0, 3, 2, 1, 4)
+        h = h.reshape(batch, seg, width, height, size).permute(0, 3, 2, 1, 4)
         w = self.mlp_w(x5.permute(0, 1, 3, 2, 4).reshape(batch, height, seg, width * size))
-        w = w.view(batch, height, seg, width, size).permute(0, 1, 3, 2, 4)
-        c = self.mlp_c(x).view(batch, height, width, seg, size)
-        return linear(
-            split_attention(h, w, c, self.reweight).view(batch, height, width, dim), self.proj, residual=residual
-        )
+        w = w.reshape(batch, height, seg, width, size).permute(0, 1, 3, 2, 4)
+        c = self.mlp_c(x).reshape(batch, height, width, seg, size)
+        fused = split_attention(h, w, c, self.reweight(branch_means(h, w, c)), [seg, -1])
+        return self.proj(fused.reshape(batch, height, width, dim))
 
 
 class PermutatorBlock(nn.Module):
-    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)); branches divided by `skip_lam` as the authors do.
-
-    `attn(x, residual)` returns residual + its output, as `Mlp` does: where neither drop path nor `skip_lam`
-    touches a branch, the residual add happens inside the branch's last matrix product.
-    """
+    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)); branches divided by `skip_lam` as the authors do."""
 
     def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, drop_path: float = 0.0, skip_lam: float = 1.0):
         super().__init__()
@@ -133,16 +133,9 @@ class PermutatorBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), gelu="erf")
         self.skip_lam = skip_lam
 
-    def _residual(self, branch: torch.Tensor) -> torch.Tensor:
-        branch = self.drop_path(branch)
-        return branch if self.skip_lam == 1.0 else branch / self.skip_lam
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.skip_lam == 1.0 and (self.drop_path.rate == 0.0 or not self.training):
-            x = self.attn(self.norm1(x), residual=x)
-            return self.mlp(self.norm2(x), residual=x)
-        x = x + self._residual(self.attn(self.norm1(x)))
-        return x + self._residual(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.attn(self.norm1(x))) / self.skip_lam
+        return x + self.drop_path(self.mlp(self.norm2(x))) / self.skip_lam
 
 
 class Downsample(nn.Module):
@@ -153,8 +146,6 @@ class Downsample(nn.Module):
         self.proj = nn.Conv2d(in_dim, out_dim, kernel_size=kernel_size, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The permuted view is an NCHW tensor in channels_last memory: the convolution reads and writes that
-        # layout directly, so neither permute copies.
         return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
@@ -166,7 +157,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel_size, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+        return self.proj(x).permute(0, 2, 3, 1)
 
 
 def check_stage_lists(layers: Sequence[int], **lists: Sequence) -> None:
@@ -179,20 +170,22 @@ def check_stage_lists(layers: Sequence[int], **lists: Sequence) -> None:
             raise ValueError(f"{name} needs one entry per stage ({len(layers)} stages), got {values!r}")
 
 
-class StagedMLP(ClassifierInterface, nn.Module):
+class StagedMLP(ModelInterface, nn.Module):
     """What ViP and CycleMLP share: the `network` of stages, final norm, mean pooling, head, and the model API.
 
-    Subclasses build `patch_embed`, `network` (stages are `nn.Sequential` of blocks), `norm` and `head`.
-    `forward_features` returns the (B, H, W, C) tokens after the final norm; `forward_head` pools them.
+    Subclasses build `patch_embed`, `network` (stages are `nn.Sequential` of blocks, between them downsampling
+    layers), `norm` and `head`. `forward_features` returns the (B, H, W, C) tokens after the final norm; the
+    intermediate outputs (`forward_intermediates`, `features_only`) are the stages'.
     """
 
-    def _init_model(self, num_classes: int, num_features: int, drop_rate: float) -> None:
+    def _init_model(self, num_classes: int, num_features: int, drop_rate: float, global_pool: str) -> None:
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0 (0: no head), got {num_classes!r}")
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
         self.num_classes = num_classes
         self.num_features = num_features
+        self.global_pool = check_global_pool(global_pool)
         self.grad_checkpointing = False
         self.head_drop = nn.Dropout(drop_rate)
 
@@ -202,6 +195,20 @@ class StagedMLP(ClassifierInterface, nn.Module):
         rates = linear_drop_path_rates(drop_path_rate, sum(layers))
         starts = [sum(layers[:i]) for i in range(len(layers))]
         return [rates[start : start + n] for start, n in zip(starts, layers, strict=True)]
+
+    def _stage_positions(self) -> list[int]:
+        """The indices of the stages in `network` (the other entries are downsampling layers)."""
+        return [i for i, layer in enumerate(self.network) if isinstance(layer, nn.Sequential)]
+
+    def _feature_info(self, embed_dims: Sequence[int], first_reduction: int) -> list[dict]:
+        """One entry per stage: its module, width and stride; each stride-2 downsampling doubles the reduction."""
+        info, reduction = [], first_reduction
+        for i, position in enumerate(self._stage_positions()):
+            previous = self.network[position - 1] if i > 0 else None
+            if isinstance(previous, Downsample) and previous.proj.stride[0] == 2:
+                reduction *= 2
+            info.append(dict(module=f"network.{position}", num_chs=embed_dims[i], reduction=reduction))
+        return info
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -218,16 +225,43 @@ class StagedMLP(ClassifierInterface, nn.Module):
     def _new_head(self, num_classes: int) -> nn.Module:
         return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def _run_layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if not (isinstance(layer, nn.Sequential) and self.grad_checkpointing and torch.is_grad_enabled()):
-            return layer(x)
-        for block in layer:
-            x = checkpoint(block, x, use_reentrant=False)
-        return x
+    def group_matcher(self, coarse: bool = False) -> dict:
+        if coarse:
+            return dict(stem=r"^patch_embed", blocks=[(r"^network\.(\d+)", None), (r"^norm", (99999,))])
+        blocks = [(r"^network\.(\d+)\.(\d+)", None), (r"^network\.(\d+)", (0,)), (r"^norm", (99999,))]
+        return dict(stem=r"^patch_embed", blocks=blocks)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(x.mean(dim=(1, 2)))
-        return x if pre_logits else self.head(x)
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return self.patch_embed(x)
+
+    def _feature_stages(self) -> list[list[nn.Module]]:
+        positions = self._stage_positions()
+        starts = [0] + [position + 1 for position in positions[:-1]]
+        return [list(self.network[start : end + 1]) for start, end in zip(starts, positions, strict=True)]
+
+    def _to_format(self, x: torch.Tensor, output_fmt: str) -> torch.Tensor:
+        return x if output_fmt == "NHWC" else x.permute(0, 3, 1, 2).contiguous()
+
+    def _intermediate_norm(self, index: int) -> nn.Module | None:
+        """The final norm, which fits the last stage only."""
+        return self.norm if index == len(self._stage_positions()) - 1 else None
+
+    def _truncate(self, last: int) -> None:
+        self.network = self.network[: self._stage_positions()[last] + 1]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._tokens(x)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The (B, H, W, C) tokens after the final norm."""
+        x = self._embed(x)
+        for layer in self.network:
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = self._run_checkpointed(layer, x)
+            else:
+                x = layer(x)
+        return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -258,6 +292,7 @@ class VisionPermutator(StagedMLP):
         qkv_bias: bool = False,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
     ):
         super().__init__()
         check_stage_lists(
@@ -280,10 +315,24 @@ class VisionPermutator(StagedMLP):
             qkv_bias=qkv_bias,
             drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
+            global_pool=global_pool,
         )
-        self._init_model(num_classes, embed_dims[-1], drop_rate)
+        self._init_model(num_classes, embed_dims[-1], drop_rate, global_pool)
         self.in_chans, self.patch_size = in_chans, patch_size
         self.token_grids = self._token_grids(layers, embed_dims, transitions, segment_dim)
+        sizes = self.accepted_input_sizes()
+        grid = self.token_grids[0]
+        any_of = f" (any height and width in {sizes.start}..{sizes.stop - 1})" if len(sizes) > 1 else ""
+        self.accepts = (
+            "VisionPermutator",
+            in_chans,
+            (sizes.start, sizes.stop - 1, sizes.start, sizes.stop - 1),
+            f"(B, {in_chans}, {sizes.start}, {sizes.start}){any_of}, which gives the {grid}x{grid} token grid the "
+            f"Weighted Permute-MLP of segment_dim {list(segment_dim)} and patch_size {patch_size} needs",
+        )
+        self.pretrained_cfg = pretrained_cfg(
+            (in_chans, sizes.start, sizes.start), "patch_embed.proj", fixed_input_size=True, num_classes=num_classes
+        )
 
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0], kernel_size=patch_size, stride=patch_size)
         network: list[nn.Module] = []
@@ -305,6 +354,7 @@ class VisionPermutator(StagedMLP):
                 stride = 2 if transitions[i] else 1
                 network.append(Downsample(dim, embed_dims[i + 1], kernel_size=stride, stride=stride))
         self.network = nn.ModuleList(network)
+        self.feature_info = self._feature_info(embed_dims, patch_size)
         self.norm = nn.LayerNorm(embed_dims[-1], eps=LAYER_NORM_EPS)
         self.head = self._new_head(num_classes)
         self.init_weights()
@@ -332,23 +382,3 @@ class VisionPermutator(StagedMLP):
         """The input heights (and widths) the model takes: those whose patch grid is the first stage's."""
         side = self.token_grids[0] * self.patch_size
         return range(side, side + self.patch_size)
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if torch.jit.is_tracing():  # a trace records one fixed shape; the check would only warn there
-            return
-        sizes = self.accepted_input_sizes()
-        if x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[2] not in sizes or x.shape[3] not in sizes:
-            grid = self.token_grids[0]
-            any_of = f" (any height and width in {sizes.start}..{sizes.stop - 1})" if len(sizes) > 1 else ""
-            raise ValueError(
-                f"VisionPermutator with segment_dim {self.config['segment_dim']} and patch_size {self.patch_size} "
-                f"takes inputs of shape (B, {self.in_chans}, {sizes.start}, {sizes.start}){any_of}, which give the "
-                f"{grid}x{grid} token grid its Weighted Permute-MLP needs; got {tuple(x.shape)}"
-            )
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        x = self.patch_embed(x)
-        for layer in self.network:
-            x = self._run_layer(layer, x)
-        return self.norm(x)
