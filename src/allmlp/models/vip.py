@@ -248,7 +248,10 @@ class StagedMLP(ModelInterface, nn.Module):
         return self.norm if index == len(self._stage_positions()) - 1 else None
 
     def _truncate(self, last: int) -> None:
-        self.network = self.network[: self._stage_positions()[last] + 1]
+        positions = self._stage_positions()
+        if last < len(positions) - 1:
+            self.norm = nn.Identity()  # the final norm has the last stage's width, which is gone
+        self.network = self.network[: positions[last] + 1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self._tokens(x)
