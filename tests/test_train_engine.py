@@ -355,3 +355,14 @@ def test_model_config_reaches_the_model(tmp_path):
     model = engine.build_model(cfg, 7)
     assert model.config["drop_path_rate"] == 0.2 and model.head_drop.p == 0.3
     assert torch.all(model.head.bias == -6.9) and torch.all(model.head.weight == 0)
+
+
+def test_finetune_on_grey_images_from_rgb_weights_adapts_the_stem(tmp_path, capsys):
+    model = TINY["model"]
+    rgb = allmlp.create_model(model["name"], img_size=model["img_size"], num_classes=3, **model["overrides"])
+    allmlp.save_weights(rgb, tmp_path / "rgb.safetensors")
+    recipe = tiny(tmp_path, "train.steps=1")  # the demo data is grey: model.in_chans=1
+    argv = ["finetune", "--config", str(recipe), "--weights", str(tmp_path / "rgb.safetensors")]
+    assert main([*argv, "--output", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "allmlp: stem.proj.weight: the 3-channel (RGB) stem adapted to in_chans=1 (RGB filters summed)" in err
