@@ -23,6 +23,7 @@ from .files import (
     WeightsError,
     config_metadata,
     parse_config_metadata,
+    parse_pretrained_metadata,
     read_metadata,
     read_weights,
     unwrap_state_dict,
@@ -173,14 +174,22 @@ def load_weights(
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> str:
-    """Write the model's weights as safetensors with its architecture and config in the metadata (atomic)."""
+    """Write the model's weights as safetensors (atomic) with its architecture, config and the registry entry and
+    preprocessing of its pretrained_cfg in the metadata."""
     config = getattr(model, "config", None)
     if config is None:
         raise WeightsError(f"{type(model).__name__} is not an allmlp model (it has no .config to store)")
-    write_safetensors(model.state_dict(), path, config_metadata(type(model).__name__, config))
+    # the preprocessing of the model's registry entry travels with the weights (see allmlp.create_model)
+    metadata = config_metadata(type(model).__name__, config, getattr(model, "pretrained_cfg", {}))
+    write_safetensors(model.state_dict(), path, metadata)
     return os.fspath(path)
 
 
 def read_config(path: str | os.PathLike) -> tuple[str, dict] | None:
     """(architecture, config) of a file written by `save_weights`, or None for other files."""
     return parse_config_metadata(read_metadata(path))
+
+
+def read_pretrained_cfg(path: str | os.PathLike) -> dict:
+    """The pretrained_cfg fields (registry entry name, preprocessing) recorded by `save_weights`; {} if none."""
+    return parse_pretrained_metadata(read_metadata(path))
