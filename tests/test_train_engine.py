@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -355,3 +356,37 @@ def test_model_config_reaches_the_model(tmp_path):
     model = engine.build_model(cfg, 7)
     assert model.config["drop_path_rate"] == 0.2 and model.head_drop.p == 0.3
     assert torch.all(model.head.bias == -6.9) and torch.all(model.head.weight == 0)
+
+
+def test_finetune_on_grey_images_from_rgb_weights_adapts_the_stem(tmp_path, capsys):
+    model = TINY["model"]
+    rgb = allmlp.create_model(model["name"], img_size=model["img_size"], num_classes=3, **model["overrides"])
+    allmlp.save_weights(rgb, tmp_path / "rgb.safetensors")
+    recipe = tiny(tmp_path, "train.steps=1")  # the demo data is grey: model.in_chans=1
+    argv = ["finetune", "--config", str(recipe), "--weights", str(tmp_path / "rgb.safetensors")]
+    assert main([*argv, "--output", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "allmlp: stem.proj.weight: the 3-channel (RGB) stem adapted to in_chans=1 (RGB filters summed)" in err
+
+
+def test_layer_decay_run_resumes_exactly(tmp_path, monkeypatch):
+    overrides = ("optim.layer_decay=0.5", "checkpoint.every_steps=3")
+    _, run_dir = run(tmp_path, *overrides)
+    finished = weights(run_dir / "model.safetensors")
+    _, plain = run(tmp_path, "checkpoint.every_steps=3", out="plain")
+    assert not torch.equal(finished["stem.proj.weight"], weights(plain / "model.safetensors")["stem.proj.weight"])
+
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000006")
+    restored = []
+    real_load = engine.load_checkpoint
+
+    def load_and_look(path, model, optimizer, ema_model):
+        position = real_load(path, model, optimizer, ema_model)
+        restored.append(sorted({group["lr_scale"] for group in optimizer.param_groups}))
+        return position
+
+    monkeypatch.setattr(engine, "load_checkpoint", load_and_look)
+    fit(load_config(str(run_dir / "config.yaml")), run_dir, resume=True)
+    assert restored == [[0.25, 0.5, 1.0]]  # stem, the block (with the final norm), head
+    resumed = weights(run_dir / "model.safetensors")
+    assert all(torch.equal(resumed[k], finished[k]) for k in finished)

@@ -339,3 +339,162 @@ def test_convert_command_timm_file_with_and_without_model_name(tmp_path, capsys)
     assert named.config == {**inferred.config, "gelu": "tanh"}
     assert cli(["convert", str(src), str(tmp_path / "c.safetensors"), "--model", "mixer_b16_224"]) == 2
     assert "mis-shaped" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a 3-channel stem into another in_chans
+
+
+@pytest.mark.parametrize("in_chans", [1, 2, 4, 5, 6, 7])
+def test_adapt_stem_matches_timm(in_chans):
+    from timm.models._manipulate import adapt_input_conv
+
+    rgb = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(in_chans))
+    torch.testing.assert_close(allmlp.weights.adapt_stem(rgb, in_chans), adapt_input_conv(in_chans, rgb.clone()))
+    half = allmlp.weights.adapt_stem(rgb.half(), in_chans)
+    assert half.dtype == torch.float16 and half.shape == (16, in_chans, 8, 8)
+
+
+def test_adapt_stem_sums_or_repeats_and_scales():
+    rgb = torch.randn(4, 3, 2, 2)
+    assert torch.equal(allmlp.weights.adapt_stem(rgb, 1), rgb.sum(1, keepdim=True))
+    torch.testing.assert_close(allmlp.weights.adapt_stem(rgb, 2), rgb[:, :2] * 1.5)
+    torch.testing.assert_close(allmlp.weights.adapt_stem(rgb, 5), torch.cat([rgb, rgb[:, :2]], 1) * 0.6)
+    with pytest.raises(allmlp.WeightsError, match=r"only a 3-channel stem .* got \(4, 1, 2, 2\)"):
+        allmlp.weights.adapt_stem(rgb[:, :1], 2)
+
+
+def grey_equals_rgb(model_grey, model_rgb, x_grey):
+    """A 1-channel model on x gives what the RGB model gives on (x, x, x): summed filters are linear in x."""
+    with torch.no_grad():
+        torch.testing.assert_close(model_grey(x_grey), model_rgb(x_grey.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-4)
+
+
+def official_arrays(model: MlpMixer) -> dict[str, np.ndarray]:
+    """A Mixer's weights under the official .npz names and layouts (HWIO stem, (in, out) Dense kernels)."""
+    modules = {
+        "norm1": "LayerNorm_0",
+        "mlp_tokens.fc1": "token_mixing/Dense_0",
+        "mlp_tokens.fc2": "token_mixing/Dense_1",
+        "norm2": "LayerNorm_1",
+        "mlp_channels.fc1": "channel_mixing/Dense_0",
+        "mlp_channels.fc2": "channel_mixing/Dense_1",
+        "stem.proj": "stem",
+        "norm": "pre_head_layer_norm",
+        "head": "head",
+    }
+    arrays = {}
+    for key, value in model.state_dict().items():
+        module, _, param = key.rpartition(".")
+        block = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
+        name = f"MixerBlock_{block[1]}/{modules[block[2]]}" if block else modules[module]
+        if param == "weight" and value.ndim > 1:
+            param, value = "kernel", value.permute(2, 3, 1, 0) if value.ndim == 4 else value.T
+        elif param == "weight":
+            param = "scale"
+        arrays[f"{name}/{param}"] = value.numpy().copy()
+    return arrays
+
+
+def test_official_npz_into_one_channel_mixer(tmp_path, caplog):
+    rgb = tiny(gelu="tanh").eval()
+    path = tmp_path / "Mixer-tiny.npz"
+    np.savez(path, **official_arrays(rgb))
+    with caplog.at_level("INFO", logger="allmlp.weights"):
+        grey = allmlp.load_weights(tiny(gelu="tanh", in_chans=1), path).eval()
+    assert "stem.proj.weight: the 3-channel (RGB) stem adapted to in_chans=1 (RGB filters summed)" in caplog.text
+    torch.testing.assert_close(grey.stem.proj.weight, rgb.stem.proj.weight.sum(1, keepdim=True))
+    rgb_state = rgb.state_dict()
+    assert all(torch.equal(v, rgb_state[k]) for k, v in grey.state_dict().items() if k != "stem.proj.weight")
+    grey_equals_rgb(grey, rgb, torch.randn(2, 1, 32, 32))
+
+
+def test_create_model_adapts_the_stem_of_its_weights(tmp_path):
+    rgb = tiny(gelu="tanh")
+    path = tmp_path / "Mixer-tiny.npz"
+    np.savez(path, **official_arrays(rgb))
+    small = dict(img_size=32, patch_size=8, num_classes=10, hidden_dim=16, num_blocks=2, tokens_mlp_dim=8)
+    grey = allmlp.create_model("mixer_s32_224", channels_mlp_dim=32, in_chans=1, weights=path, **small)
+    torch.testing.assert_close(grey.stem.proj.weight, rgb.stem.proj.weight.sum(1, keepdim=True))
+    assert torch.equal(grey.stem.proj.bias, rgb.stem.proj.bias)  # the bias does not depend on the channels
+
+
+def test_timm_file_into_two_and_six_channel_mixers(tmp_path):
+    from timm.models._manipulate import adapt_input_conv
+    from timm.models.mlp_mixer import MlpMixer as TimmMixer
+
+    peer = TimmMixer(num_classes=7, img_size=32, patch_size=8, embed_dim=16, num_blocks=2, mlp_ratio=(0.5, 2.0))
+    with torch.no_grad():
+        for p in peer.parameters():
+            p.normal_(0, 0.1)
+    path = tmp_path / "timm.pth"
+    torch.save({"state_dict": peer.state_dict()}, path)
+    two = allmlp.load_weights(tiny(num_classes=7, gelu="erf", in_chans=2), path)
+    assert torch.equal(two.stem.proj.weight, adapt_input_conv(2, peer.stem.proj.weight.detach().clone()))
+    six = allmlp.load_weights(tiny(num_classes=7, gelu="erf", in_chans=6), path).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # filters repeated twice at half weight: (x, x) gives what the RGB model gives on x
+        torch.testing.assert_close(six(torch.cat([x, x], 1)), peer.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def authors_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """allmlp CycleMLP weights as the authors' checkpoints hold them: with every Cycle FC's offset buffer."""
+    from allmlp.weights.authors import cycle_offsets
+
+    layout = dict(state_dict)
+    for key, value in state_dict.items():
+        for fc, kernel in (("sfc_h", (1, 3)), ("sfc_w", (3, 1))):
+            if key.endswith(f".{fc}.weight"):
+                layout[key.replace(".weight", ".offset")] = cycle_offsets(value.shape[1], kernel)
+    return layout
+
+
+@pytest.mark.parametrize("family", ["cyclemlp", "vip"])
+def test_authors_checkpoints_into_a_one_channel_model(family, tmp_path):
+    if family == "cyclemlp":
+        config = dict(layers=[1, 1, 1, 1], embed_dims=[16, 32, 48, 64], mlp_ratios=[2, 2, 2, 2], transitions=[True] * 4)
+        build, size = allmlp.CycleMLP, 64
+    else:
+        config = dict(layers=[1, 1], img_size=28, patch_size=7, embed_dims=[16, 32], transitions=[True, False],
+                      segment_dim=[4, 2], mlp_ratios=[2, 2])  # fmt: skip
+        build, size = allmlp.VisionPermutator, 28
+    torch.manual_seed(0)
+    rgb = build(num_classes=10, **config).eval()
+    with torch.no_grad():
+        for p in rgb.parameters():
+            p.normal_(0, 0.1)
+    state = authors_layout(rgb.state_dict()) if family == "cyclemlp" else rgb.state_dict()
+    assert any(k.endswith("sfc_h.offset") for k in state) == (family == "cyclemlp")
+    path = tmp_path / "authors.pth"
+    torch.save({"model": state, "epoch": 299}, path)
+    grey = allmlp.load_weights(build(num_classes=10, in_chans=1, **config), path).eval()
+    assert grey.pretrained_cfg["first_conv"] == "patch_embed.proj"
+    torch.testing.assert_close(grey.patch_embed.proj.weight, rgb.patch_embed.proj.weight.sum(1, keepdim=True))
+    grey_equals_rgb(grey, rgb, torch.randn(2, 1, size, size))
+
+
+def test_allmlp_safetensors_into_a_one_channel_model_and_by_create_model(tmp_path):
+    source = tiny(gelu="erf").eval()
+    path = tmp_path / "rgb.safetensors"
+    allmlp.save_weights(source, path)
+    grey = allmlp.create_model(path, in_chans=1).eval()
+    assert grey.config["in_chans"] == 1 and grey.pretrained_cfg["input_size"] == (1, 32, 32)
+    grey_equals_rgb(grey, source, torch.randn(2, 1, 32, 32))
+    # the adapted model saves as what it is now: a 1-channel model, rebuilt from its file without adaptation
+    allmlp.save_weights(grey, tmp_path / "grey.safetensors")
+    again = allmlp.create_model(tmp_path / "grey.safetensors")
+    assert torch.equal(again.stem.proj.weight, grey.stem.proj.weight)
+
+
+def test_only_an_rgb_stem_is_adapted_and_other_mismatches_stay_errors():
+    grey_state = tiny(in_chans=1).state_dict()
+    with pytest.raises(allmlp.WeightsError) as err:  # 1 -> 3 channels is not an adaptation timm or allmlp makes
+        allmlp.load_weights(tiny(), grey_state)
+    assert "stem.proj.weight (checkpoint (16, 1, 8, 8), model (16, 3, 8, 8))" in str(err.value)
+    assert "only a 3-channel (RGB) stem with the model's filter count and kernel size" in str(err.value)
+    other_kernel = r"stem.proj.weight \(checkpoint \(16, 3, 8, 8\), model \(16, 1, 4, 4\)"
+    with pytest.raises(allmlp.WeightsError, match=other_kernel):
+        allmlp.load_weights(tiny(in_chans=1, patch_size=4), tiny().state_dict())
+    wider = tiny().state_dict()
+    wider["blocks.0.norm1.weight"] = torch.ones(17)  # the stem adapts, every other shape is still checked
+    with pytest.raises(allmlp.WeightsError, match=r"mis-shaped \(1\): blocks.0.norm1.weight"):
+        allmlp.load_weights(tiny(in_chans=1), wider)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -424,8 +425,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stderr(logging.Handler):
+    """The library's INFO messages (a weight file adapted on loading, ...) as `allmlp: ...` lines on stderr, looked
+    up at each message so that a replaced sys.stderr (tests, notebooks) gets them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"allmlp: {record.getMessage()}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    library_log = logging.getLogger("allmlp")
+    if not any(isinstance(handler, _Stderr) for handler in library_log.handlers):
+        library_log.addHandler(_Stderr())
+        library_log.setLevel(logging.INFO)
     try:
         return args.run(args) or 0
     except (ValueError, FileNotFoundError) as err:

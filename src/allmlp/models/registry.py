@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import inspect
@@ -10,9 +11,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from ..weights import WeightsError, load_weights, read_config, read_state_dict
+from ..weights import WeightsError, load_weights, read_config, read_pretrained_cfg, read_state_dict
 from .cyclemlp import CONFIGS as CYCLEMLP_CONFIGS
 from .cyclemlp import CycleMLP
 from .interface import FeatureNet
@@ -242,6 +244,9 @@ def create_model(
     weights: str | os.PathLike | Mapping | None = None,
     features_only: bool = False,
     out_indices: int | Sequence[int] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
     **overrides,
 ) -> nn.Module:
     """Build a registered model (or rebuild one from a file written by `save_weights`) and load weights.
@@ -250,6 +255,10 @@ def create_model(
     the checkpoint's is started fresh (zero) when `num_classes` was given, and is an error otherwise.
     `features_only=True` returns the backbone cut after its last wanted output, whose forward gives the NCHW maps
     of the blocks or stages `out_indices` (default: all), described by its `feature_info` (timm's interface).
+    device / dtype: the parameters are created on `device` (also "meta": shapes without memory, and then no
+    weights) and cast to `dtype`; weights are copied into them there.
+    `model.pretrained_cfg` gets the registry entry's name ("architecture") and preprocessing (a file gets those it
+    recorded, else keeps the family default).
     """
     if _is_weight_file(name):
         stored = read_config(name)
@@ -262,17 +271,30 @@ def create_model(
         if architecture_name not in ARCHITECTURES:
             raise WeightsError(f"{name}: unknown architecture {architecture_name!r} in the file's metadata")
         architecture = ARCHITECTURES[architecture_name]
+        recorded = read_pretrained_cfg(name)
         weights = name if weights is None else weights
     else:
         entry = get_entry(name)
         architecture, config = entry.architecture, dict(entry.config)
+        p = entry.preprocessing
+        recorded = dict(architecture=entry.name, mean=p.mean, std=p.std, interpolation=p.interpolation,
+                        crop_pct=p.crop_pct)  # fmt: skip
+    if weights is not None and device is not None and torch.device(device).type == "meta":
+        raise ValueError(
+            f"device='meta' holds no values, so weights cannot be loaded there; build {name} on meta by registry "
+            "name without weights"
+        )
     config = dict(config)
     if num_classes is not None:
         config["num_classes"] = num_classes
     if img_size is not None:
         config["img_size"] = img_size
     config.update(overrides)
-    model = _build(architecture, config)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = _build(architecture, config)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    model.pretrained_cfg = {**model.pretrained_cfg, **recorded}  # input_size: the model's own, from its __init__
     if weights is not None:
         reset_head = False
         if num_classes is not None:

@@ -51,12 +51,17 @@ class ModelConfig:
 class OptimConfig:
     name: Literal["adam", "adamw", "sgd"] = option("adamw", "adam (L2 in the gradient), adamw (decoupled), sgd")
     lr: float = option(1e-3, "peak learning rate for the global batch")
-    weight_decay: float = option(0.0, "decay of >= 2-D weights; 1-D params (biases, norms) are never decayed")
+    weight_decay: float = option(
+        0.0, "decay of >= 2-D weights; never of 1-D params (biases, norms) nor of the model's no_weight_decay()"
+    )
     betas: tuple[float, float] = option((0.9, 0.999), "adam/adamw betas")
     eps: float = option(1e-8, "adam/adamw epsilon")
     momentum: float = option(0.9, "sgd momentum")
     nesterov: bool = option(False, "sgd Nesterov momentum")
     clip_grad_norm: float | None = option(1.0, "global-norm gradient clipping; null: off")
+    layer_decay: float | None = option(
+        None, "layer-wise lr decay in (0, 1]: layer i of L trains at lr x layer_decay^(L - i), head 1; null: off"
+    )
 
 
 @dataclass
@@ -373,6 +378,8 @@ def check_run_config(cfg: RunConfig, command: str = "train", world_size: int = 1
     _positive(cfg.optim.lr, "optim.lr")
     _positive(cfg.optim.weight_decay, "optim.weight_decay", allow_zero=True)
     _positive(cfg.optim.clip_grad_norm, "optim.clip_grad_norm")
+    if cfg.optim.layer_decay is not None and not 0.0 < cfg.optim.layer_decay <= 1.0:
+        raise ConfigError(f"optim.layer_decay: expected a number in (0, 1] or null, got {cfg.optim.layer_decay}")
     for i, beta in enumerate(cfg.optim.betas):
         if not 0.0 <= beta < 1.0:
             raise ConfigError(f"optim.betas[{i}]: expected a number in [0, 1), got {beta}")

@@ -1,31 +1,91 @@
 """Optimizers, the learning-rate schedule and the weight EMA.
 
 The schedule is a pure function of the step (linear warmup, then linear or cosine decay to an end value), so
-the scheduler's whole state is the step number stored in the checkpoint.
+the scheduler's whole state is the step number stored in the checkpoint. Each parameter group carries an
+`lr_scale` (layer-wise decay) that multiplies the scheduled learning rate.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import re
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from .config import OptimConfig, ScheduleConfig
 
+# timm's MATCH_PREV_GROUP: a group_matcher pattern whose ordinal ends in it joins the layer before it
+# (the final norm shares the last block's layer).
+_JOIN_PREVIOUS = 99999
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay >= 2-D weights only: biases, LayerNorm scales and other 1-D params are never decayed."""
-    decay, no_decay = [], []
-    for param in model.parameters():
+
+def layer_ids(names: list[str], matcher: Mapping) -> dict[str, int]:
+    """The layer id of every parameter name under a timm-format `group_matcher` dict, as timm numbers them.
+
+    Each entry is a regex or a list of (regex, suffix); a name gets the ordinal (entry index, the regex's
+    numeric groups, suffix) of the first pattern that matches, unmatched names (the head) come last, and the
+    distinct ordinals in order are numbered 0, 1, ... (stem 0, blocks 1..N, head N + 1 for Mixer).
+    """
+    patterns = []
+    for index, spec in enumerate(matcher.values()):
+        if spec is None:
+            continue
+        for regex, suffix in [(spec, None)] if isinstance(spec, str) else spec:
+            patterns.append((re.compile(regex), index, tuple(suffix or ())))
+
+    def ordinal(name: str) -> tuple[float, ...]:
+        for regex, index, suffix in patterns:
+            match = regex.match(name)
+            if match:
+                return (index, *map(float, match.groups()), *suffix)
+        return (math.inf,)
+
+    ordinals = {name: ordinal(name) for name in names}
+    numbers, layer = {}, -1
+    for key in sorted(set(ordinals.values())):
+        if layer < 0 or key[-1] != _JOIN_PREVIOUS:
+            layer += 1
+        numbers[key] = layer
+    return {name: numbers[key] for name, key in ordinals.items()}
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """Decay >= 2-D weights only: biases, LayerNorm scales, other 1-D params and the names in the model's
+    `no_weight_decay()` are never decayed.
+
+    layer_decay: the learning rate of layer i (from `model.group_matcher(coarse=False)`) is scaled by
+    layer_decay ** (last layer - i), so the head trains at the full rate and the stem slowest. Groups come in
+    layer order, a decayed and a non-decayed group per layer, each with its `lr_scale`; without layer_decay
+    there are the two groups alone, at scale 1.
+    """
+    if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay: expected a number in (0, 1] or None, got {layer_decay}")
+    named = dict(model.named_parameters())
+    if layer_decay is None:
+        layers, scales = dict.fromkeys(named, 0), [1.0]
+    else:
+        if not hasattr(model, "group_matcher"):
+            raise ValueError(f"layer_decay needs a model with group_matcher(); {type(model).__name__} has none")
+        # every parameter (frozen ones too) counts, so freezing some does not renumber the rest
+        layers = layer_ids(list(named), model.group_matcher(coarse=False))
+        last = max(layers.values())
+        scales = [layer_decay ** (last - layer) for layer in range(last + 1)]
+    no_decay = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    groups = [
+        {"params": [], "weight_decay": decay, "lr_scale": scale} for scale in scales for decay in (weight_decay, 0.0)
+    ]
+    for name, param in named.items():
         if param.requires_grad:
-            (decay if param.ndim > 1 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            decayed = param.ndim > 1 and name not in no_decay
+            groups[2 * layers[name] + (0 if decayed else 1)]["params"].append(param)
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, cfg.weight_decay)
+    groups = parameter_groups(model, cfg.weight_decay, cfg.layer_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     # PyTorch's AdamW decays by lr_t * weight_decay per step, so big_vision's decoupled wd 1e-4 at lr 1e-3 is 0.1
@@ -51,9 +111,11 @@ class Schedule:
         return self.end + (self.peak - self.end) * shape
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set every group's lr to lr(step) x its lr_scale; returns lr(step)."""
         lr = self(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            # groups restored from checkpoints written before lr_scale existed have no scale: 1
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
 

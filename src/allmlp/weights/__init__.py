@@ -3,10 +3,14 @@
 `load_weights` detects the format from the content: allmlp safetensors (config in the metadata), timm state
 dicts (.pth/.bin/.safetensors, bare or wrapped), the official JAX Mixer .npz releases, and the authors'
 CycleMLP / ViP checkpoints. Names that differ from allmlp's are converted by the module for that format.
+Every format then meets the model in `load_weights`, which is also where a 3-channel (RGB) stem is adapted to a
+model built for another number of input channels.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 
@@ -19,6 +23,7 @@ from .files import (
     WeightsError,
     config_metadata,
     parse_config_metadata,
+    parse_pretrained_metadata,
     read_metadata,
     read_weights,
     unwrap_state_dict,
@@ -26,7 +31,9 @@ from .files import (
 )
 from .jax_mixer import convert_jax_mixer, is_jax_mixer
 
-__all__ = ["WeightsError", "load_weights", "read_state_dict", "save_weights"]
+__all__ = ["WeightsError", "adapt_stem", "load_weights", "read_state_dict", "save_weights"]
+
+log = logging.getLogger(__name__)
 
 # (detect by key names, convert to allmlp names) for each foreign naming scheme.
 FOREIGN_FORMATS: list[tuple[Callable[[list[str]], bool], Callable[[dict], dict[str, torch.Tensor]]]] = [
@@ -56,6 +63,50 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> tuple[dict[str, torc
     return arrays, metadata
 
 
+def adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """The filters of a 3-channel (RGB) stem convolution (O, 3, kh, kw) for `in_chans` input channels, as timm
+    adapts them: summed over RGB for one channel (a grey image x gives what the RGB stem gives for (x, x, x)), else
+    the RGB filters repeated cyclically to in_chans and scaled by 3 / in_chans (keeping the output's scale)."""
+    if weight.ndim != 4 or weight.shape[1] != 3:
+        raise WeightsError(f"only a 3-channel stem (O, 3, kh, kw) can be adapted, got {tuple(weight.shape)}")
+    if in_chans < 1:
+        raise WeightsError(f"in_chans must be >= 1, got {in_chans}")
+    if in_chans == 3:
+        return weight
+    # summed in float32: half-precision checkpoints would lose digits in the sum
+    rgb = weight.float()
+    if in_chans == 1:
+        adapted = rgb.sum(dim=1, keepdim=True)
+    else:
+        adapted = rgb.repeat(1, math.ceil(in_chans / 3), 1, 1)[:, :in_chans] * (3 / in_chans)
+    return adapted.to(weight.dtype)
+
+
+def _stem_key(model: nn.Module) -> str | None:
+    """The stem convolution's weight key, from the model's pretrained_cfg (None for a model without one)."""
+    first_conv = getattr(model, "pretrained_cfg", {}).get("first_conv")
+    return None if first_conv is None else f"{first_conv}.weight"
+
+
+def _adapt_stem_channels(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """`state_dict` with its RGB stem adapted when `model` (whose state dict is `own`) takes another number of
+    input channels. Only the stem's weight is touched (its bias does not depend on the channels); any other
+    difference (filter count, kernel size, a non-RGB checkpoint) is left for the shape check to report.
+    """
+    key = _stem_key(model)
+    if key is None or key not in state_dict or key not in own:
+        return state_dict
+    theirs, mine = state_dict[key], own[key]
+    same_filters = theirs.shape[:1] + theirs.shape[2:] == mine.shape[:1] + mine.shape[2:]
+    if not same_filters or theirs.shape[1] != 3 or mine.shape[1] == 3:
+        return state_dict
+    how = "summed" if mine.shape[1] == 1 else f"repeated and scaled by 3/{mine.shape[1]}"
+    log.info(f"{key}: the 3-channel (RGB) stem adapted to in_chans={mine.shape[1]} (RGB filters {how})")
+    return {**state_dict, key: adapt_stem(theirs, mine.shape[1])}
+
+
 def _listing(title: str, items: list[str]) -> str:
     more = f" ... and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
     return f"\n  {title} ({len(items)}): " + ", ".join(items[:_LISTED]) + more
@@ -73,9 +124,11 @@ def load_weights(
     strict: missing or unexpected keys are an error (mis-shaped keys always are), listed in one message.
     reset_head: drop the checkpoint's classifier and give the model a fresh zero head (fine-tuning on other
     classes). Without it, a head of another size is an error. A model built with num_classes=0 ignores it.
+    A 3-channel stem loads into a model with another `in_chans` (see `adapt_stem`; logged at INFO level).
     """
     state_dict, _ = read_state_dict(source)
     own = model.state_dict()
+    state_dict = _adapt_stem_channels(model, state_dict, own)
     has_head = "head.weight" in own
     if reset_head or not has_head:
         state_dict = {k: v for k, v in state_dict.items() if k not in HEAD_KEYS}
@@ -104,6 +157,12 @@ def load_weights(
                 "\n  token-mixing shapes depend on the image size: build the model for the checkpoint's size "
                 "and use allmlp.adapt_resolution to change it"
             )
+        stem = _stem_key(model)
+        if stem is not None and any(item.startswith(f"{stem} ") for item in mismatched):
+            message += (
+                f"\n  {stem}: only a 3-channel (RGB) stem with the model's filter count and kernel size is "
+                "adapted to another in_chans"
+            )
         raise WeightsError(message)
 
     with torch.no_grad():
@@ -115,14 +174,22 @@ def load_weights(
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> str:
-    """Write the model's weights as safetensors with its architecture and config in the metadata (atomic)."""
+    """Write the model's weights as safetensors (atomic) with its architecture, config and the registry entry and
+    preprocessing of its pretrained_cfg in the metadata."""
     config = getattr(model, "config", None)
     if config is None:
         raise WeightsError(f"{type(model).__name__} is not an allmlp model (it has no .config to store)")
-    write_safetensors(model.state_dict(), path, config_metadata(type(model).__name__, config))
+    # the preprocessing of the model's registry entry travels with the weights (see allmlp.create_model)
+    metadata = config_metadata(type(model).__name__, config, getattr(model, "pretrained_cfg", {}))
+    write_safetensors(model.state_dict(), path, metadata)
     return os.fspath(path)
 
 
 def read_config(path: str | os.PathLike) -> tuple[str, dict] | None:
     """(architecture, config) of a file written by `save_weights`, or None for other files."""
     return parse_config_metadata(read_metadata(path))
+
+
+def read_pretrained_cfg(path: str | os.PathLike) -> dict:
+    """The pretrained_cfg fields (registry entry name, preprocessing) recorded by `save_weights`; {} if none."""
+    return parse_pretrained_metadata(read_metadata(path))

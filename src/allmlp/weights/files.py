@@ -125,8 +125,27 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
-def config_metadata(architecture: str, config: dict) -> dict[str, str]:
-    return {"format": "pt", "allmlp.architecture": architecture, "allmlp.config": json.dumps(config)}
+# The pretrained_cfg fields a file keeps: the registry entry's name and how its images are to be prepared.
+RECORDED_PRETRAINED_FIELDS = ("architecture", "mean", "std", "interpolation", "crop_pct")
+
+
+def config_metadata(architecture: str, config: dict, pretrained_cfg: dict) -> dict[str, str]:
+    metadata = {"format": "pt", "allmlp.architecture": architecture, "allmlp.config": json.dumps(config)}
+    recorded = {k: pretrained_cfg[k] for k in RECORDED_PRETRAINED_FIELDS if k in pretrained_cfg}
+    if recorded:
+        metadata["allmlp.pretrained_cfg"] = json.dumps(recorded)
+    return metadata
+
+
+def parse_pretrained_metadata(metadata: dict[str, str]) -> dict:
+    """The pretrained_cfg fields stored by `save_weights` ({} for files without them; mean/std as tuples)."""
+    if "allmlp.pretrained_cfg" not in metadata:
+        return {}
+    try:
+        recorded = json.loads(metadata["allmlp.pretrained_cfg"])
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"allmlp metadata is damaged: {err}") from err
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}
 
 
 def parse_config_metadata(metadata: dict[str, str]) -> tuple[str, dict] | None:
