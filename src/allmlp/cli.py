@@ -58,7 +58,7 @@ def _run_download(args: argparse.Namespace) -> int:
     from .weights.hub import DownloadError, fetch_release, sha256_of
 
     if args.all == bool(args.names):
-        raise ValueError("name the releases (NAME or NAME.TAG) or pass --all, not both")
+        raise ValueError("give NAME[.TAG] arguments or --all, one of the two")
     if args.all:
         wanted = [(name, release) for name, entry in REGISTRY.items() for release in entry.releases]
     else:
