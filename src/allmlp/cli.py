@@ -54,6 +54,28 @@ def _run_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.dst}: {type(model).__name__} {model.config}")
 
 
+def _run_download(args: argparse.Namespace) -> int:
+    from .models.registry import REGISTRY, get_release
+    from .weights.hub import DownloadError, fetch_release, sha256_of
+
+    if args.all == bool(args.names):
+        raise ValueError("give NAME[.TAG] arguments or --all, one of the two")
+    if args.all:
+        wanted = [(name, release) for name, entry in REGISTRY.items() for release in entry.releases]
+    else:
+        wanted = [(name, get_release(name, tag or None)) for name, _, tag in (n.partition(".") for n in args.names)]
+    failures = 0
+    for name, release in wanted:
+        try:
+            path = fetch_release(release, f"{name}.{release.tag}", mirror=args.mirror, timeout=args.timeout)
+        except DownloadError as err:  # the others still come; the exit status tells
+            print(f"allmlp download: {err}", file=sys.stderr)
+            failures += 1
+            continue
+        print(f"{name}.{release.tag}: {path} ({path.stat().st_size:,} bytes, sha256 {sha256_of(path)})")
+    return 1 if failures else 0
+
+
 def _add_list(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="list registered models with parameter counts and published weights")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'mixer_*'")
@@ -64,6 +86,23 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="show a model's config, preprocessing and the provenance of its weights")
     p.add_argument("model", help="registered model name (see `allmlp list`)")
     p.set_defaults(run=_run_info)
+
+
+def _add_download(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "download",
+        help="fetch published weights into the cache (what create_model(name, pretrained=...) loads)",
+        description="Cache: $ALLMLP_HOME, else $XDG_CACHE_HOME/allmlp, else ~/.cache/allmlp. Files are verified "
+        "(size and SHA-256 where known, the format always) before they are moved in. Hosts that need a browser "
+        "(Google Drive) get the page and the path to save the file as. ALLMLP_OFFLINE=1: the cache only.",
+    )
+    p.add_argument(
+        "names", nargs="*", metavar="NAME[.TAG]", help="model, optionally with a release tag (default: the first)"
+    )
+    p.add_argument("--all", action="store_true", help="every release of every model")
+    p.add_argument("--mirror", help="base URL that serves the cache layout (default $ALLMLP_WEIGHTS_URL)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a request fails")
+    p.set_defaults(run=_run_download)
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -401,6 +440,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 COMMANDS = [
     _add_list,
     _add_info,
+    _add_download,
     _add_convert,
     _add_fewshot,
     _add_visualize,

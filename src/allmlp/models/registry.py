@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..weights import WeightsError, load_weights, read_config, read_pretrained_cfg, read_state_dict
+from ..weights.hub import fetch_release
 from .cyclemlp import CONFIGS as CYCLEMLP_CONFIGS
 from .cyclemlp import CycleMLP
 from .interface import FeatureNet
@@ -37,13 +38,23 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class WeightRelease:
-    """One published weight set that fits an entry. Nothing is downloaded: `source` tells where to get it."""
+    """One published weight set that fits an entry; `create_model(name, pretrained=tag)` fetches it (weights.hub).
+
+    `file_name` is the file's path in the cache and on a mirror: the host's URL path, so that a cache folder
+    served over HTTP is a mirror. `url` is empty where the host needs a browser (`page`). `size` and `sha256`
+    are None where they are not known: the cache then checks the byte count the server announced and the format.
+    """
 
     tag: str
     source: str
     num_classes: int
     trained_on: str
     top1: float | None = None  # ImageNet-1k top-1 as published, where the release is an ImageNet-1k classifier
+    url: str = ""
+    file_name: str = ""
+    size: int | None = None
+    sha256: str | None = None
+    page: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,10 +77,34 @@ OFFICIAL_MIXER_PREPROCESSING = Preprocessing(
 )
 
 
+def _hosted(tag: str, source: str, classes: int, trained_on: str, top1: float | None, url: str) -> WeightRelease:
+    """A release a program can download: its cache path is the URL's path."""
+    return WeightRelease(tag, source, classes, trained_on, top1, url=url, file_name=url.split("/", 3)[3])
+
+
 def _mixer_releases(label: str, sets: dict[str, tuple[int, str, float | None]]) -> tuple[WeightRelease, ...]:
     return tuple(
-        WeightRelease(tag, f"gs://mixer_models/{tag}/Mixer-{label}.npz", classes, trained_on, top1)
+        _hosted(
+            tag,
+            f"gs://mixer_models/{tag}/Mixer-{label}.npz",
+            classes,
+            trained_on,
+            top1,
+            f"https://storage.googleapis.com/mixer_models/{tag}/Mixer-{label}.npz",
+        )
         for tag, (classes, trained_on, top1) in sets.items()
+    )
+
+
+def _timm_copy(name: str, top1: float) -> WeightRelease:
+    """timm's Hugging Face copy of the official imagenet1k set (safetensors, timm's names)."""
+    return _hosted(
+        "timm:goog_in21k_ft_in1k",
+        f"timm {name}.goog_in21k_ft_in1k (the official imagenet1k set, converted; mislabelled in21k)",
+        1000,
+        _IN1K,
+        top1,
+        f"https://huggingface.co/timm/{name}.goog_in21k_ft_in1k/resolve/main/model.safetensors",
     )
 
 
@@ -90,15 +125,7 @@ _MIXER_RELEASES = {
             "gsam": (1000, _GSAM, None),
         },
     )
-    + (
-        WeightRelease(
-            "timm:goog_in21k_ft_in1k",
-            "timm mixer_b16_224.goog_in21k_ft_in1k (the official imagenet1k set, converted; mislabelled in21k)",
-            1000,
-            _IN1K,
-            76.44,
-        ),
-    ),
+    + (_timm_copy("mixer_b16_224", 76.44),),
     "l32": (),
     "l16": _mixer_releases(
         "L_16",
@@ -107,15 +134,7 @@ _MIXER_RELEASES = {
             "imagenet21k": (21843, "ImageNet-21k pre-training (21,843-class head)", None),
         },
     )
-    + (
-        WeightRelease(
-            "timm:goog_in21k_ft_in1k",
-            "timm mixer_l16_224.goog_in21k_ft_in1k (the official imagenet1k set, converted; mislabelled in21k)",
-            1000,
-            _IN1K,
-            71.76,
-        ),
-    ),
+    + (_timm_copy("mixer_l16_224", 71.76),),
     "h14": (),
 }
 
@@ -161,12 +180,13 @@ REGISTRY.update(
                 0.875, "the authors' evaluation (DeiT's main.py): shorter side to 256, centre crop 224"
             ),
             releases=(
-                WeightRelease(
+                _hosted(
                     "imagenet1k",
                     f"https://github.com/ShoufaChen/CycleMLP/releases/download/v0.1/CycleMLP_{variant.upper()}.pth",
                     1000,
                     _IN1K,
                     _CYCLEMLP_TOP1[variant],
+                    f"https://github.com/ShoufaChen/CycleMLP/releases/download/v0.1/CycleMLP_{variant.upper()}.pth",
                 ),
             ),
             paper=CYCLEMLP_PAPER,
@@ -190,6 +210,9 @@ REGISTRY.update(
                     1000,
                     _IN1K,
                     _VIP_RELEASES[variant][1],
+                    # Google Drive answers a program with a confirmation page: a person downloads the file.
+                    file_name=f"houqb/VisionPermutator/vip_{variant}.pth",
+                    page=f"https://drive.google.com/file/d/{_VIP_RELEASES[variant][0]}/view",
                 ),
             ),
             paper=VIP_PAPER,
@@ -219,6 +242,19 @@ def get_entry(name: str) -> ModelEntry:
     return REGISTRY[name]
 
 
+def get_release(name: str, tag: str | None = None) -> WeightRelease:
+    """The release `tag` of model `name`; no tag: the entry's first (default) release."""
+    entry = get_entry(name)
+    if not entry.releases:
+        raise ValueError(f"{name} has no published weights")
+    if tag is None:
+        return entry.releases[0]
+    for release in entry.releases:
+        if release.tag == tag:
+            return release
+    raise ValueError(f"{name} has no release {tag!r}; published: {', '.join(r.tag for r in entry.releases)}")
+
+
 def _build(architecture: type[nn.Module], config: dict) -> nn.Module:
     accepted = set(inspect.signature(architecture.__init__).parameters) - {"self"}
     unknown = sorted(set(config) - accepted)
@@ -244,6 +280,7 @@ def create_model(
     weights: str | os.PathLike | Mapping | None = None,
     features_only: bool = False,
     out_indices: int | Sequence[int] | None = None,
+    pretrained: bool | str = False,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
@@ -253,6 +290,8 @@ def create_model(
 
     num_classes / img_size / overrides replace the entry's config. With `weights`, a head of another size than
     the checkpoint's is started fresh (zero) when `num_classes` was given, and is an error otherwise.
+    `pretrained=True` (the entry's first release) or a release tag loads published weights from the cache,
+    downloaded first if needed (allmlp.weights.hub); the head has the release's classes unless `num_classes`.
     `features_only=True` returns the backbone cut after its last wanted output, whose forward gives the NCHW maps
     of the blocks or stages `out_indices` (default: all), described by its `feature_info` (timm's interface).
     device / dtype: the parameters are created on `device` (also "meta": shapes without memory, and then no
@@ -260,6 +299,8 @@ def create_model(
     `model.pretrained_cfg` gets the registry entry's name ("architecture") and preprocessing (a file gets those it
     recorded, else keeps the family default).
     """
+    if pretrained and weights is not None:
+        raise ValueError("pass either pretrained or weights, not both")
     if _is_weight_file(name):
         stored = read_config(name)
         if stored is None:
@@ -279,6 +320,10 @@ def create_model(
         p = entry.preprocessing
         recorded = dict(architecture=entry.name, mean=p.mean, std=p.std, interpolation=p.interpolation,
                         crop_pct=p.crop_pct)  # fmt: skip
+    if pretrained:
+        release = get_release(os.fspath(name), None if pretrained is True else pretrained)
+        weights = fetch_release(release, f"{name}.{release.tag}")
+        config["num_classes"] = release.num_classes
     if weights is not None and device is not None and torch.device(device).type == "meta":
         raise ValueError(
             f"device='meta' holds no values, so weights cannot be loaded there; build {name} on meta by registry "
