@@ -10,6 +10,7 @@ Weights are random everywhere (biases and heads too), so no check passes because
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import warnings
@@ -21,6 +22,7 @@ from functools import partial
 import pytest
 import torch
 from torch import nn
+from torch.fx.experimental import _config as fx_config
 from torch.nn.utils import parametrize, prune
 
 import allmlp
@@ -172,7 +174,7 @@ def flat(out) -> torch.Tensor:
 
 def loss_of(out) -> torch.Tensor:
     """A sum over samples of a per-sample loss (so per-sample gradients are those of each sample alone)."""
-    return flat(out).square().sum()
+    return flat(out).square().mean(dim=1).sum()
 
 
 def assert_same(a, b, atol: float = 1e-5, rtol: float = 1e-5) -> None:
@@ -363,7 +365,7 @@ def test_peft_lora(family):
     merged = lora.merge_and_unload().eval()
     assert not any(isinstance(m, LoraLinear) for m in merged.modules())
     with torch.no_grad():
-        assert_same(merged(x), out.detach())
+        assert_same(merged(x), flat(out).detach())
 
 
 class HandLoRA(nn.Module):
@@ -409,7 +411,7 @@ def test_lora_by_module_replacement(family):
     with torch.no_grad():
         for name, wrapper in wrappers.items():
             merged.get_submodule(name).weight.copy_(wrapper.merged_weight())
-        assert_same(merged(x), out.detach())
+        assert_same(merged(x), flat(out).detach())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -775,9 +777,13 @@ def test_torch_export_with_dynamic_shapes(family):
 
     model = make(family).eval()
     dynamic = {0: Dim("batch", min=1, max=64)}
+    oblivious = contextlib.nullcontext()
     if not FAMILIES[family].fixed_input_size:
         dynamic |= {2: Dim("height", min=3, max=256), 3: Dim("width", min=3, max=256)}
-    with warnings.catch_warnings():
+        # Token grids run down to 1x1 (3x3 inputs): without size-oblivious reasoning torch.export guards on every
+        # size-1 check it meets (even two plain chained convs cannot be exported over such a range otherwise).
+        oblivious = fx_config.patch(backed_size_oblivious=True)
+    with warnings.catch_warnings(), oblivious:
         warnings.simplefilter("ignore")
         program = torch.export.export(model, (image(family),), dynamic_shapes=({**dynamic},))
     exported = program.module()
@@ -859,14 +865,15 @@ def test_forward_intermediates_stop_early(family):
     calls = Counter()
     model.get_submodule(names[-1]).register_forward_hook(lambda m, a, o: calls.update(["last"]))
     with torch.no_grad():
-        full = model.forward_intermediates(x, indices=[0], intermediates_only=True)
-        assert calls["last"] == 1
+        final, full = model.forward_intermediates(x, indices=[0])
+        assert calls["last"] == 1, "the final features need every stage"
+        torch.testing.assert_close(final, model.forward_features(x), atol=0, rtol=0)
+        calls.clear()
         early = model.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
-        final, listed = model.forward_intermediates(x, indices=[0], stop_early=True)
-    assert calls["last"] == 1, "stop_early still ran the last stage"
+        _, listed = model.forward_intermediates(x, indices=[0], stop_early=True)
+    assert calls["last"] == 0, "stop_early still ran the last stage"
     torch.testing.assert_close(early[0], full[0], atol=0, rtol=0)
     torch.testing.assert_close(listed[0], full[0], atol=0, rtol=0)
-    assert isinstance(final, torch.Tensor)
 
 
 @CLASSIFIER
@@ -936,7 +943,7 @@ def test_create_model_features_only(family):
 
 def test_fork_feat_forward_gives_the_feature_info_maps():
     model = make("cyclemlp_fork").eval()
-    for size in ((32, 32), (45, 29)):
+    for size in ((32, 32), (64, 96)):
         x = image("cyclemlp_fork", size=size)
         with torch.no_grad():
             maps = model(x)
