@@ -196,6 +196,7 @@ class MlpMixer(ModelInterface, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, S, C) tokens after the final LayerNorm."""
         x = self._embed(x)
+        # `_checkpointing()` spelled out: TorchScript drops the branch only where it sees is_scripting() itself
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             x = self._run_checkpointed(self.blocks, x)
         else:

@@ -260,6 +260,7 @@ class StagedMLP(ModelInterface, nn.Module):
         """The (B, H, W, C) tokens after the final norm."""
         x = self._embed(x)
         for layer in self.network:
+            # `_checkpointing()` spelled out: TorchScript drops the branch only where it sees is_scripting() itself
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = self._run_checkpointed(layer, x)
             else:
