@@ -316,10 +316,10 @@ def _folder_overrides(root: Path, max_bad: float) -> tuple[str, ...]:
     )
 
 
-def test_corrupt_image_is_skipped_and_counted(tmp_path):
+def test_corrupt_image_is_skipped_and_counted(tmp_path, capsys):
     _image_folder(tmp_path / "images", corrupt=1)
-    with pytest.warns(UserWarning, match="0.png"):
-        summary, _ = run(tmp_path, *_folder_overrides(tmp_path / "images", 0.1))
+    summary, _ = run(tmp_path, *_folder_overrides(tmp_path / "images", 0.1))
+    assert f"skipped unreadable image {tmp_path / 'images' / 'train' / 'circle' / '0.png'}: " in capsys.readouterr().err
     assert summary["skipped_images"] == 1
     assert summary["skipped_files"] == [str(tmp_path / "images" / "train" / "circle" / "0.png")]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_files"] == summary["skipped_files"]
@@ -331,6 +331,8 @@ def test_too_many_corrupt_images_stop_the_run_naming_them(tmp_path, capsys):
     assert main(["train", "--config", str(recipe), "--output", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "max_bad_fraction" in err and re.search(r"train/circle/[012]\.png", err)
+    assert re.search(r"\d of 36 images of the imagefolder train split \(.*images/train\)", err)  # how many, where
+    assert not (tmp_path / "r").exists()  # no half-written run directory is left behind
 
 
 def test_progress_bar_on_a_terminal(tmp_path, capsys):
