@@ -124,8 +124,7 @@ def test_exporting_a_model_whose_outputs_are_all_zero_warns(tmp_path, capsys):
     assert "max abs difference 0.00e+00" in captured.out and "warning: every output of the model is the same" in (
         captured.err
     )
-    assert main(["export", "--weights", str(weights), "--format", "torchscript", "-o", str(tmp_path / "n.pt")]) == 0
     small = tmp_path / "trained.safetensors"
     allmlp.save_weights(small_model("MlpMixer"), small)
     assert main(["export", "--weights", str(small), "--format", "torchscript", "-o", str(tmp_path / "t.pt")]) == 0
-    assert "warning" not in capsys.readouterr().err.split("n.pt")[-1]
+    assert "warning" not in capsys.readouterr().err  # outputs that differ: nothing to warn about

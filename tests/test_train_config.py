@@ -117,7 +117,8 @@ def test_help_documents_every_option_and_field(capsys):
     assert "--resume" in capsys.readouterr().out
 
 
-def test_train_without_arguments_is_the_demo(monkeypatch):
+def test_train_without_arguments_is_the_demo(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the default run directory is created (atomically) under ./runs
     seen = {}
 
     def fake_fit(cfg, run_dir, **kwargs):
