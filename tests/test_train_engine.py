@@ -188,6 +188,11 @@ def test_non_finite_loss_from_the_cli_names_the_step(tmp_path, capsys):
     assert main(["train", "--config", str(recipe), "--output", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert re.search(r"training loss is (nan|inf) at step \d+", err), err
+    # advice that can be followed: no checkpoint exists and --resume takes no overrides, so a new run it is
+    run_config = tmp_path / "r" / "config.yaml"
+    assert "No checkpoint was written" in err and "--resume repeats the same settings" in err
+    assert f"allmlp train --config {run_config} --output NEW_DIR optim.lr=1e+29 optim.clip_grad_norm=1" in err
+    assert run_config.is_file()
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):

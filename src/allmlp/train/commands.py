@@ -182,8 +182,8 @@ def eval_command(
     if not procs.is_main:
         return result
     print(
-        f"{cfg.model.name} on {cfg.data.kind} {split}: top-1 {result['eval_top1']:.4f}  top-5 {result['eval_top5']:.4f}"
-        f"  ({result['eval_images']} images)"
+        f"{result['model']} on {cfg.data.kind} {split}: top-1 {result['eval_top1']:.4f}  "
+        f"top-5 {result['eval_top5']:.4f}  ({result['eval_images']} images)"
     )
     if "real_top1" in result:
         print(f"ImageNet ReaL top-1 {result['real_top1']:.4f} ({result['real_images']} images with ReaL labels)")

@@ -39,7 +39,11 @@ def option(default: Any, doc: str) -> Any:
 @dataclass
 class ModelConfig:
     name: str = option("mixer_s16_224", "registered model name (`allmlp list`)")
-    weights: str | None = option(None, "initial weights, any format allmlp.load_weights reads (finetune/eval)")
+    weights: str | None = option(
+        None,
+        "initial weights, any format allmlp.load_weights reads (finetune/eval); an allmlp safetensors file's stored "
+        "config decides the architecture",
+    )
     img_size: int | None = option(None, "input resolution; null: the registry entry's")
     in_chans: int = option(3, "input channels: 3 (RGB) or 1 (grey)")
     drop_rate: float = option(0.0, "dropout before the head")

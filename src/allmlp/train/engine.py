@@ -40,7 +40,7 @@ from .checkpoint import (
     remove_leftovers,
     save_checkpoint,
 )
-from .config import RunConfig, TrainConfig, dump_yaml, same_value
+from .config import RunConfig, TrainConfig, dump_yaml, plain_value, same_value
 from .optim import EMA, Schedule, build_optimizer
 from .outputs import SUMMARY_FILE, RunLog, plot_metrics
 
@@ -92,15 +92,19 @@ class _StopRequests:
         return bool(distributed.all_reduce_sum(flag).item())
 
 
-def describe_model(cfg: RunConfig) -> str:
+def describe_model(cfg: RunConfig, built: dict | None = None) -> str:
     """What the model is: its registry name, or the architecture with every value that differs from that entry
-    (the demo's small Mixer is not a mixer_s16_224, it only starts from that entry's config)."""
+    (the demo's small Mixer is not a mixer_s16_224, it only starts from that entry's config). `built`: the
+    model's own config, when it differs from what cfg asked for (token mixing adapted to another size)."""
     entry = get_entry(cfg.model.name)
-    changed = {**cfg.model.overrides}
-    if cfg.model.img_size is not None:
-        changed["img_size"] = cfg.model.img_size
-    if cfg.model.in_chans != 3:
-        changed["in_chans"] = cfg.model.in_chans
+    if built is not None:
+        changed = {k: v for k, v in built.items() if k not in ("num_classes", "drop_rate", "drop_path_rate")}
+    else:
+        changed = {**cfg.model.overrides}
+        if cfg.model.img_size is not None:
+            changed["img_size"] = cfg.model.img_size
+        if cfg.model.in_chans != 3:
+            changed["in_chans"] = cfg.model.in_chans
     defaults = {
         name: parameter.default
         for name, parameter in inspect.signature(entry.architecture.__init__).parameters.items()
@@ -111,7 +115,7 @@ def describe_model(cfg: RunConfig) -> str:
         return cfg.model.name
     order = list(entry.config)
     keys = sorted(changed, key=lambda k: order.index(k) if k in order else len(order))
-    return f"{entry.architecture.__name__}({', '.join(f'{k}={changed[k]}' for k in keys)})"
+    return f"{entry.architecture.__name__}({', '.join(f'{k}={plain_value(changed[k])}' for k in keys)})"
 
 
 def build_model(cfg: RunConfig, num_classes: int, *, new_head: bool = False) -> nn.Module:
@@ -363,7 +367,7 @@ def _train(
         if warning is not None:
             log.message(warning, error=True)
         log.message(
-            f"{describe_model(cfg)}: "
+            f"{describe_model(cfg, model.config)}: "
             f"{sum(p.numel() for p in model.parameters()):,} parameters, {loaders.num_classes} "
             f"classes, {steps_per_epoch} steps/epoch x batch {t.batch_size}, {total_steps} steps, "
             f"{procs.world_size} process(es) on {device}, {'bf16 autocast' if dtype else 'fp32'}"
@@ -496,7 +500,7 @@ def _train(
         "wall_time_s": position.elapsed_s,
         "skipped_images": len(loaders.skipped()),
         "skipped_files": loaders.skipped(),
-        "model": describe_model(cfg),
+        "model": describe_model(cfg, model.config),
         "model_entry": cfg.model.name,  # the registry entry it was built from (and preprocessed as)
         "model_config": model.config,
         "world_size": procs.world_size,
