@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..atomic import write_json_atomic
-from ..data import build_loaders
+from ..data import Loaders, build_loaders
 from ..data.sampling import mix_seed
 from ..evaluate.metrics import Accuracy
 from ..models.registry import create_model, get_entry
@@ -298,19 +299,8 @@ def _fit(cfg: RunConfig, run_dir: Path, procs: distributed.Processes, resume: bo
         existed = run_dir.is_dir()
         rundir.claim(run_dir, dump_yaml(cfg))
     try:
-        return _train(
-            cfg,
-            run_dir,
-            procs,
-            resume,
-            new_head,
-            progress,
-            loaders,
-            steps_per_epoch,
-            total_steps,
-            identity,
-            run_started,
-        )
+        plan = _Plan(loaders, steps_per_epoch, total_steps, identity, run_started)
+        return _train(cfg, run_dir, procs, plan, resume, new_head, progress)
     except (NonFiniteLossError, TrainingInterrupted):
         raise
     except BaseException:
@@ -321,20 +311,29 @@ def _fit(cfg: RunConfig, run_dir: Path, procs: distributed.Processes, resume: bo
         raise
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What `_fit` settled before the run directory was claimed: the data, the run's length and its identity."""
+
+    loaders: Loaders
+    steps_per_epoch: int
+    total_steps: int
+    identity: RunIdentity
+    started: float  # time.monotonic() when fit began
+
+
 def _train(
     cfg: RunConfig,
     run_dir: Path,
     procs: distributed.Processes,
+    plan: _Plan,
     resume: bool,
     new_head: bool,
     progress: bool | None,
-    loaders,
-    steps_per_epoch: int,
-    total_steps: int,
-    identity: RunIdentity,
-    run_started: float,
 ) -> dict:
     t, device = cfg.train, procs.device
+    loaders, identity, run_started = plan.loaders, plan.identity, plan.started
+    steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
     torch.manual_seed(mix_seed(t.seed, _INIT))  # the same initial weights on every rank and every run
     model = build_model(cfg, loaders.num_classes, new_head=new_head).to(device)
     if t.channels_last:
