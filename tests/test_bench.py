@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import allmlp
 from allmlp.cli import main
 from allmlp.tools.bench import Case, Settings, bench, expand_cases, model_flops
 
@@ -126,3 +127,29 @@ def test_a_peer_that_computes_something_else_is_refused():
         peer.blocks[1].mlp_channels.fc2.weight[0].add_(0.5)
     with pytest.raises(ValueError, match=r"disagree on tiny: max \|feature difference\|"):
         _check_same_function(ours, peer, "tiny")
+
+
+def test_bench_keeps_earlier_results_and_prints_no_profiler_noise(tmp_path, capfd):
+    args = ["bench", *QUICK, "--dtypes", "fp32", "--out", str(tmp_path)]
+    assert main(args) == 0
+    first = (tmp_path / "results.json").read_bytes()
+    assert main(args) == 0
+    assert (tmp_path / "results.json").read_bytes() == first  # the earlier run's numbers are still there
+    assert (tmp_path / "results-2.csv").is_file() and json.loads((tmp_path / "results-2.json").read_text())["rows"]
+    captured = capfd.readouterr()  # file-descriptor level: what the profiler's native code prints, too
+    assert "wrote" in captured.out and "results-2.csv" in captured.out
+    for noise in ("gpuGetDeviceCount", "USDT:", "profiler_start", "DeviceProperties"):
+        assert noise not in captured.err
+
+
+@pytest.mark.parametrize("name", ["cyclemlp_b1", "vip_s7"])
+def test_a_step_of_cyclemlp_and_vip_is_built_and_counted(name):
+    """Their configs hold img_size as one int (CycleMLP) or a list (ViP); the bench step needs (H, W)."""
+    import torch
+
+    from allmlp.tools.bench import Case, Step, model_flops
+
+    model = allmlp.create_model(name)
+    step = Step(model, Case(name, 1, "fp32", "inference", False), torch.device("cpu"), True, model, "wall")
+    assert step.images.shape == (1, 3, 224, 224)
+    assert model_flops(name, 1, "inference") > 1e9

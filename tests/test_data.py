@@ -18,7 +18,7 @@ from allmlp.data import (
     BatchAugment,
     DataConfig,
     MixUpCutMix,
-    UnreadableImageWarning,
+    TooManyUnreadableImages,
     build_eval_loader,
     build_eval_transform,
     build_loaders,
@@ -409,24 +409,28 @@ def corrupt(tmp_path) -> list[str]:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_unreadable_images_are_skipped_counted_and_warned(tmp_path, workers):
+def test_unreadable_images_are_skipped_counted_and_reported_one_line_each(tmp_path, workers, capsys):
     bad = corrupt(tmp_path)
     cfg = DataConfig(kind="imagefolder", root=str(tmp_path), num_workers=workers, max_bad_fraction=0.1)
     loaders = build(cfg, batch_size=5)
-    with pytest.warns(UnreadableImageWarning, match="skipped unreadable image"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported as plain lines, not as Python warnings with source lines
         sizes = [len(t) for _, t in loaders.train.batches(0)]
     assert sum(sizes) == 28 and len(sizes) == 6 and sorted(loaders.skipped()) == bad
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a file already reported is not warned about again
-        list(loaders.train.batches(0))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("allmlp: skipped unreadable image ") for line in lines)
+    assert sorted(line.split()[4].rstrip(":") for line in lines) == bad  # the path, then the reason
+    list(loaders.train.batches(0))
+    assert capsys.readouterr().err == ""  # a file already reported is not reported again
     assert sorted(loaders.skipped()) == bad
 
 
 def test_too_many_unreadable_images_stop_with_their_names(tmp_path):
     bad = corrupt(tmp_path)
     loaders = build(DataConfig(kind="imagefolder", root=str(tmp_path), num_workers=0, max_bad_fraction=0.05))
-    with pytest.warns(UnreadableImageWarning), pytest.raises(ValueError, match="2 of 30 images") as error:
+    with pytest.raises(TooManyUnreadableImages, match="2 of 30 images") as error:
         list(loaders.train.batches(0))
+    assert f"train split ({tmp_path / 'train'})" in str(error.value)  # how many, and where
     assert "data.max_bad_fraction=0.05" in str(error.value) and all(path in str(error.value) for path in bad)
 
 
@@ -435,8 +439,7 @@ def test_unreadable_eval_images_are_skipped(tmp_path):
     (tmp_path / "val" / "c1" / "3.png").write_bytes(b"\x89PNG broken")
     cfg = DataConfig(kind="imagefolder", root=str(tmp_path), num_workers=0, max_bad_fraction=0.02)
     loader = build_eval_loader(cfg, img_size=8, in_chans=1, preprocessing=HALF, batch_size=7)
-    with pytest.warns(UnreadableImageWarning):
-        assert sum(len(t) for _, t in loader) == 59
+    assert sum(len(t) for _, t in loader) == 59
     assert loader.skipped() == [str(tmp_path / "val" / "c1" / "3.png")] and loader.num_classes == 3
 
 
@@ -555,9 +558,21 @@ def test_webdataset_skips_unreadable_samples_and_needs_enough_shards(tmp_path):
         f.truncate(7 * 2 * 1024 + 700)  # a sample is two members of 512 header + 512 data bytes
     cfg = DataConfig(kind="webdataset", train_shards=train, val_shards=train, num_workers=0, max_bad_fraction=0.5)
     loaders = build(cfg, batch_size=4)
-    with pytest.warns(UnreadableImageWarning):
-        sizes = [len(t) for _, t in loaders.train.batches(0)]
+    sizes = [len(t) for _, t in loaders.train.batches(0)]
     assert sum(sizes) < 4 * len(sizes) and any("s00003" in s for s in loaders.skipped())
     assert any("damaged" in s for s in loaders.skipped())
     with pytest.raises(ValueError, match="2 shards cannot feed 4 streams"):
         build(DataConfig(kind="webdataset", train_shards=train, val_shards=train, num_workers=2), world_size=2)
+
+
+def test_an_empty_class_folder_is_an_error_in_train_and_a_warning_in_val(tmp_path, capsys):
+    write_image_folder(tmp_path)
+    (tmp_path / "train" / "c9").mkdir()
+    with pytest.raises(ValueError, match=r"class folder\(s\) with no images .*train/c9; add images or remove"):
+        build(DataConfig(kind="imagefolder", root=str(tmp_path), num_workers=0))
+    (tmp_path / "train" / "c9").rmdir()
+    (tmp_path / "val" / "c1").mkdir(exist_ok=True)
+    for image in (tmp_path / "val" / "c1").iterdir():
+        image.unlink()
+    build(DataConfig(kind="imagefolder", root=str(tmp_path), num_workers=0))
+    assert f"class folder {tmp_path / 'val' / 'c1'} holds no images" in capsys.readouterr().err

@@ -106,3 +106,25 @@ def test_export_command_from_weights_and_bad_input(tmp_path, capsys):
     assert "give --model NAME, --weights FILE, or both" in capsys.readouterr().err
     with pytest.raises(ValueError, match="format must be one of"):
         ex.export(small_model("MlpMixer"), tmp_path / "m.tflite", "tflite")
+
+
+def test_the_suffix_must_fit_the_format(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"onnx files end in \.onnx .*got model\.pt2"):
+        ex.export(small_model("MlpMixer"), tmp_path / "model.pt2", "onnx")
+    assert main(["export", "--model", "mixer_s32_224", "--format", "torchscript", "-o", str(tmp_path / "m.txt")]) == 2
+    assert "torchscript files end in .pt" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exporting_a_model_whose_outputs_are_all_zero_warns(tmp_path, capsys):
+    weights = tmp_path / "fresh.safetensors"
+    allmlp.save_weights(allmlp.create_model("mixer_s32_224", **SMALL["MlpMixer"][1]), weights)  # zero head
+    assert main(["export", "--weights", str(weights), "--format", "torchscript", "-o", str(tmp_path / "m.pt")]) == 0
+    captured = capsys.readouterr()
+    assert "max abs difference 0.00e+00" in captured.out and "warning: every output of the model is the same" in (
+        captured.err
+    )
+    small = tmp_path / "trained.safetensors"
+    allmlp.save_weights(small_model("MlpMixer"), small)
+    assert main(["export", "--weights", str(small), "--format", "torchscript", "-o", str(tmp_path / "t.pt")]) == 0
+    assert "warning" not in capsys.readouterr().err  # outputs that differ: nothing to warn about

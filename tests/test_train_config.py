@@ -117,7 +117,8 @@ def test_help_documents_every_option_and_field(capsys):
     assert "--resume" in capsys.readouterr().out
 
 
-def test_train_without_arguments_is_the_demo(monkeypatch):
+def test_train_without_arguments_is_the_demo(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the default run directory is created (atomically) under ./runs
     seen = {}
 
     def fake_fit(cfg, run_dir, **kwargs):
@@ -128,3 +129,27 @@ def test_train_without_arguments_is_the_demo(monkeypatch):
     assert main(["train"]) == 0
     assert seen["cfg"] == load_config("demo")
     assert seen["run_dir"].parts[0] == "runs" and seen["run_dir"].name.startswith("demo-")
+
+
+def test_a_key_given_twice_in_a_recipe_is_an_error(tmp_path):
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("optim:\n  lr: 0.1\n  weight_decay: 0.0\n  lr: 0.01\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'lr' on line 4 \(first on line 2\)"):
+        load_config(str(recipe))
+    recipe.write_text("train:\n  steps: 3\ntrain:\n  batch_size: 8\n")
+    with pytest.raises(ConfigError, match="duplicate key 'train'"):
+        load_config(str(recipe))
+
+
+def test_a_warm_up_longer_than_the_run_is_a_clear_warning(tmp_path, capsys):
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name": "mixer_s16_224", "img_size": 28, "in_chans": 1,
+        "overrides": {"patch_size": 7, "hidden_dim": 8, "num_blocks": 1, "tokens_mlp_dim": 4, "channels_mlp_dim": 8}},
+        "data": {"kind": "demo"}, "schedule": {"warmup_epochs": 2.0},
+        "train": {"steps": 3, "batch_size": 50, "precision": "fp32", "eval_batch_size": 500}}))  # fmt: skip
+    assert main(["train", "--config", str(recipe), "--output", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the warm-up (160 steps: schedule.warmup_steps 0 + warmup_epochs 2 x 80 steps/epoch)" in err
+    assert "longer than the run (3 steps)" in err

@@ -189,6 +189,11 @@ def test_non_finite_loss_from_the_cli_names_the_step(tmp_path, capsys):
     assert main(["train", "--config", str(recipe), "--output", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert re.search(r"training loss is (nan|inf) at step \d+", err), err
+    # advice that can be followed: no checkpoint exists and --resume takes no overrides, so a new run it is
+    run_config = tmp_path / "r" / "config.yaml"
+    assert "No checkpoint was written" in err and "--resume repeats the same settings" in err
+    assert f"allmlp train --config {run_config} --output NEW_DIR optim.lr=1e+29 optim.clip_grad_norm=1" in err
+    assert run_config.is_file()
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
@@ -317,10 +322,10 @@ def _folder_overrides(root: Path, max_bad: float) -> tuple[str, ...]:
     )
 
 
-def test_corrupt_image_is_skipped_and_counted(tmp_path):
+def test_corrupt_image_is_skipped_and_counted(tmp_path, capsys):
     _image_folder(tmp_path / "images", corrupt=1)
-    with pytest.warns(UserWarning, match="0.png"):
-        summary, _ = run(tmp_path, *_folder_overrides(tmp_path / "images", 0.1))
+    summary, _ = run(tmp_path, *_folder_overrides(tmp_path / "images", 0.1))
+    assert f"skipped unreadable image {tmp_path / 'images' / 'train' / 'circle' / '0.png'}: " in capsys.readouterr().err
     assert summary["skipped_images"] == 1
     assert summary["skipped_files"] == [str(tmp_path / "images" / "train" / "circle" / "0.png")]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_files"] == summary["skipped_files"]
@@ -332,6 +337,8 @@ def test_too_many_corrupt_images_stop_the_run_naming_them(tmp_path, capsys):
     assert main(["train", "--config", str(recipe), "--output", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "max_bad_fraction" in err and re.search(r"train/circle/[012]\.png", err)
+    assert re.search(r"\d of 36 images of the imagefolder train split \(.*images/train\)", err)  # how many, where
+    assert not (tmp_path / "r").exists()  # no half-written run directory is left behind
 
 
 def test_progress_bar_on_a_terminal(tmp_path, capsys):

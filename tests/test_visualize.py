@@ -130,3 +130,17 @@ def test_stem_of_a_grey_model_and_non_mixer_models(tmp_path):
         vis.visualize(other, tmp_path / "other", blocks=[0])
     with pytest.raises(ValueError, match="no convolutional stem"):
         vis.visualize(torch.nn.Linear(2, 2), tmp_path / "other")
+
+
+def test_blocks_are_checked_before_anything_is_written(tmp_path, capsys):
+    weights = allmlp.save_weights(tiny_mixer(num_blocks=4), tmp_path / "w.safetensors")
+    out = tmp_path / "pictures"
+    assert main(["visualize", "--weights", weights, "--out", str(out), "--blocks", "0", "5"]) == 2
+    assert "--blocks 5: this model has 4 blocks, numbered 0 to 3" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["visualize", "--weights", weights, "--out", str(out), "--blocks", "0", "3"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "stem_filters.png",
+        "token_mixing_block0.png",
+        "token_mixing_block3.png",
+    ]

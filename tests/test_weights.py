@@ -498,3 +498,26 @@ def test_only_an_rgb_stem_is_adapted_and_other_mismatches_stay_errors():
     wider["blocks.0.norm1.weight"] = torch.ones(17)  # the stem adapts, every other shape is still checked
     with pytest.raises(allmlp.WeightsError, match=r"mis-shaped \(1\): blocks.0.norm1.weight"):
         allmlp.load_weights(tiny(in_chans=1), wider)
+
+
+def test_refused_pickles_do_not_repeat_torchs_advice_to_load_unsafely(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"head.weight": torch.zeros(1)}, "payload": _Exploit(tmp_path / "pwned")}, path)
+    with pytest.raises(allmlp.WeightsError) as error:
+        allmlp.load_weights(tiny(), path)
+    message = str(error.value)
+    assert "never unpickled" in message and "GLOBAL" in message
+    assert "weights_only" not in message and "Re-running" not in message and "\n" not in message
+
+
+def test_a_huge_or_cut_safetensors_header_is_reported_as_such(tmp_path):
+    import struct
+
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes(struct.pack("<Q", 200_000_000) + b"{" + b" " * 200_000_000)
+    with pytest.raises(allmlp.WeightsError, match=r"safetensors header of 200,000,000 bytes, more than"):
+        allmlp.load_weights(tiny(), huge)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(struct.pack("<Q", 10**12) + b'{"a": 1}')
+    with pytest.raises(allmlp.WeightsError, match=r"header claims 1,000,000,000,000 bytes, but the file has 16"):
+        allmlp.load_weights(tiny(), cut)

@@ -4,20 +4,33 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
+import shutil
 import sys
+import textwrap
+
+_MODEL_HELP = (
+    "registered model name: its entry gives the preprocessing (needed unless --weights is an allmlp safetensors "
+    "file, which carries its architecture)"
+)
 
 
-def _run_list(args: argparse.Namespace) -> None:
+def _run_list(args: argparse.Namespace) -> int:
     from .models.registry import get_entry, list_models
 
+    names = list_models(args.pattern)
+    if not names:
+        print(f"allmlp list: no registered model matches {args.pattern!r} (`allmlp list` shows all)", file=sys.stderr)
+        return 1
     rows = [("name", "params (1000 classes)", "published weights")]
-    for name in list_models(args.pattern):
+    for name in names:
         entry = get_entry(name)
         params = sum(p.numel() for p in _meta_model(name).parameters())
         rows.append((name, f"{params:,}", ", ".join(r.tag for r in entry.releases) or "none"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
 
 
 def _meta_model(name: str):
@@ -154,7 +167,7 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
         "class folders alone is split, every fifth image of each class (sorted) being a test image. Features are "
         "cached, so a rerun computes only new images.",
     )
-    p.add_argument("--model", required=True, help="registered model name: its entry gives the preprocessing")
+    p.add_argument("--model", help=_MODEL_HELP)
     p.add_argument("--weights", required=True, help="weight file of any supported format")
     p.add_argument("--data", required=True, help="ImageFolder directory")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25], help="images per class (default 1 5 10 25)")
@@ -222,12 +235,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
         help="top-k classes of image files",
-        description="Top-k classes with names (ImageNet-1k names for 1000-class heads, --labels for others, numeric "
-        "ids otherwise) and softmax probabilities. An unreadable file is reported on stderr and the others go on; "
+        description="Top-k classes with names (--labels, else the names stored in an allmlp file by `allmlp train` "
+        "or `allmlp finetune`, ImageNet-1k names for 1000-class heads, numeric ids otherwise) and softmax "
+        "probabilities. An unreadable file is reported on stderr and the others go on; "
         "the exit status is then 1.",
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and/or folders (recursive)")
-    p.add_argument("--model", required=True, help="registered model name: its entry gives the preprocessing")
+    p.add_argument("--model", help=_MODEL_HELP)
     p.add_argument("--weights", required=True, help="weight file of any supported format")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
@@ -256,7 +270,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
         "list), .npy gets a sidecar .json with them. Unreadable files are reported and left out (exit status 1).",
     )
     p.add_argument("inputs", nargs="+", metavar="DATA", help="image files and/or folders (recursive)")
-    p.add_argument("--model", required=True, help="registered model name: its entry gives the preprocessing")
+    p.add_argument("--model", help=_MODEL_HELP)
     p.add_argument("--weights", required=True, help="weight file of any supported format")
     p.add_argument("-o", "--output", required=True, help="OUT.safetensors or OUT.npy")
     _add_inference_options(p)
@@ -271,6 +285,12 @@ def _run_export(args: argparse.Namespace) -> None:
         f"wrote {check.path} ({check.format}, dynamic batch): a batch of {check.check_batch} reproduces PyTorch, "
         f"max abs difference {check.max_abs_diff:.2e}"
     )
+    if check.constant_outputs:
+        print(
+            "allmlp export: warning: every output of the model is the same value (a fresh Mixer's head is zero), so "
+            "the check compared constants; export trained weights (--weights FILE) for a check that means something",
+            file=sys.stderr,
+        )
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -302,19 +322,39 @@ def _run_eval(args: argparse.Namespace) -> None:
     eval_command(args.config, args.overrides, args.weights, args.output, args.real_json, args.split)
 
 
+def _wrapped(text: str, indent: str = "", hanging: str = "      ") -> str:
+    """`text` wrapped to the terminal's width (argparse wraps only the help of options, not a raw epilog)."""
+    width = max(shutil.get_terminal_size().columns - 2, 40)
+    return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent + hanging)
+
+
+def _fields_epilog(command: str) -> str:
+    from .train.commands import DEFAULT_RECIPES
+    from .train.config import describe_fields, list_recipes, load_config
+
+    recipe = DEFAULT_RECIPES[command]
+    defaults = load_config(recipe) if recipe else None
+    source = f"the {recipe} recipe's values" if recipe else "the defaults"
+    lines = [
+        _wrapped(f"shipped recipes: {', '.join(list_recipes())}"),
+        "",
+        _wrapped(f"config fields, with {source} (set any as FIELD=VALUE; YAML values: 0.001, [0.9, 0.95], null):"),
+    ]
+    lines += [_wrapped(line.strip(), indent="  ") for line in describe_fields(values=defaults)]
+    return "\n".join(lines)
+
+
 def _recipe_parser(sub: argparse._SubParsersAction, command: str, help: str, description: str):
     from .train.commands import DEFAULT_RECIPES
-    from .train.config import describe_fields, list_recipes
 
     p = sub.add_parser(
         command,
         help=help,
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"shipped recipes: {', '.join(list_recipes())}\n\n"
-        "config fields (set any of them as FIELD=VALUE; values are YAML: 0.001, [0.9, 0.95], null, true):\n"
-        + "\n".join(describe_fields()),
+        description=_wrapped(description, hanging=""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the field list's layout, wrapped here
+        epilog=_fields_epilog(command),
     )
+    p.set_defaults(parser=p)
     default = DEFAULT_RECIPES[command]
     p.add_argument(
         "--config",
@@ -455,10 +495,13 @@ COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="allmlp",
         description="All-MLP vision models: MLP-Mixer, CycleMLP, Vision Permutator.",
     )
+    parser.add_argument("--version", action="version", version=f"allmlp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
@@ -473,14 +516,44 @@ class _Stderr(logging.Handler):
         print(f"allmlp: {record.getMessage()}", file=sys.stderr)
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; FIELD=VALUE overrides may stand anywhere among a recipe command's options
+    (argparse alone takes positionals only in one run, so later ones come back as extras)."""
+    args, extras = build_parser().parse_known_args(argv)
+    recipe_parser = getattr(args, "parser", None)
+    if extras:
+        if recipe_parser is None or not all(_OVERRIDE.match(extra) for extra in extras):
+            (recipe_parser or build_parser()).error(f"unrecognized arguments: {' '.join(extras)}")
+        args.overrides = [*args.overrides, *extras]
+    return args
+
+
+def _os_error(err: OSError) -> str:
+    """One line for a file-system error: what, where, why (no traceback)."""
+    where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
+    reason = err.strerror or str(err)
+    return f"cannot write or read {where}: {reason}" if where else reason
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .train.engine import TrainingInterrupted
+
+    args = parse_args(argv)
     library_log = logging.getLogger("allmlp")
     if not any(isinstance(handler, _Stderr) for handler in library_log.handlers):
         library_log.addHandler(_Stderr())
         library_log.setLevel(logging.INFO)
     try:
         return args.run(args) or 0
+    except TrainingInterrupted as err:
+        print(f"allmlp {args.command}: {err}", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as err:
         print(f"allmlp {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an output path that is a file, a read-only folder, a full disk, ...
+        print(f"allmlp {args.command}: error: {_os_error(err)}", file=sys.stderr)
         return 2

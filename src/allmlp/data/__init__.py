@@ -5,8 +5,8 @@ from .config import DataConfig
 from .loaders import (
     EvalLoader,
     Loaders,
+    TooManyUnreadableImages,
     TrainStream,
-    UnreadableImageWarning,
     build_eval_loader,
     build_loaders,
 )
@@ -19,7 +19,7 @@ __all__ = [
     "Loaders",
     "MixUpCutMix",
     "TrainStream",
-    "UnreadableImageWarning",
+    "TooManyUnreadableImages",
     "build_eval_loader",
     "build_eval_transform",
     "build_loaders",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,16 +117,26 @@ def scan_image_folder(
     unknown = sorted(set(found) - set(class_names))
     if unknown:
         raise ValueError(f"{folder}: class folders {unknown} are not classes of the train split")
-    paths, targets = [], []
+    paths, targets, empty = [], [], []
     for target, name in enumerate(class_names):
         class_dir = folder / name
         if not class_dir.is_dir():
             continue
+        count = len(paths)
         for dirpath, _, filenames in os.walk(class_dir, followlinks=True):
             for filename in sorted(filenames):
                 if filename.lower().endswith(IMAGE_EXTENSIONS):
                     paths.append(os.path.join(dirpath, filename))
                     targets.append(target)
+        if len(paths) == count:
+            empty.append(str(class_dir))
+    if empty and field == "train_split":  # a class the model would have to predict without a single example
+        raise ValueError(
+            f"{folder}: class folder(s) with no images ({', '.join(IMAGE_EXTENSIONS)}): {', '.join(empty)}; "
+            "add images or remove the folder"
+        )
+    for class_dir in empty:
+        print(f"allmlp: warning: class folder {class_dir} holds no images; its class is not evaluated", file=sys.stderr)
     if not paths:
         raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class subfolders")
     return ImageFiles(paths, torch.tensor(targets, dtype=torch.int64), class_names, in_chans)

@@ -6,14 +6,14 @@ Three ways to make batches, picked per dataset:
 - files (ImageFolder), or in-memory data with RandAugment / random erasing: one torchvision v2 pipeline per image
   in DataLoader workers;
 - WebDataset shards: streamed by the workers (see webdataset.py).
-Unreadable images are skipped: each one is warned about once, recorded in its loader's SkipLog, and a run stops
-with the files named once more than max_bad_fraction of a dataset is unreadable.
+Unreadable images are skipped: each one is reported once on stderr (one line: path, reason), recorded in its
+loader's SkipLog, and a run stops with the files named once more than max_bad_fraction of a dataset is unreadable.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -50,12 +50,13 @@ from .webdataset import ShardEvalDataset, ShardTrainDataset, scan_shards, shard_
 Images = tuple[torch.Tensor, torch.Tensor]
 
 
-class UnreadableImageWarning(UserWarning):
-    """An image could not be decoded and was left out of its batch."""
+class TooManyUnreadableImages(ValueError):
+    """More than data.max_bad_fraction of a dataset's images cannot be read."""
 
 
 class SkipLog:
-    """The unreadable images of one dataset: a warning the first time each is met, an error past the threshold."""
+    """The unreadable images of one dataset: a line on stderr the first time each is met, an error past the
+    threshold."""
 
     def __init__(self, dataset: str, size: int | None, max_fraction: float):
         self.dataset, self.size, self.max_fraction = dataset, size, max_fraction
@@ -65,7 +66,8 @@ class SkipLog:
         for item in skipped:
             if item.id not in self.reasons:
                 self.reasons[item.id] = item.reason
-                warnings.warn(f"skipped unreadable image {item.id}: {item.reason}", UnreadableImageWarning, 2)
+                reason = item.reason.splitlines()[0] if item.reason else "unreadable"
+                print(f"allmlp: skipped unreadable image {item.id}: {reason}", file=sys.stderr, flush=True)
         if skipped and self.size:
             self.check(self.size)
 
@@ -75,7 +77,7 @@ class SkipLog:
             ids = list(self.reasons)
             shown = "\n  ".join(f"{i}: {self.reasons[i]}" for i in ids[:10])
             more = f"\n  ... and {len(ids) - 10} more" if len(ids) > 10 else ""
-            raise ValueError(
+            raise TooManyUnreadableImages(
                 f"{len(ids)} of {size} images of {self.dataset} are unreadable ({len(ids) / size:.2%}), more than "
                 f"data.max_bad_fraction={self.max_fraction}; fix or remove them:\n  {shown}{more}"
             )
@@ -335,7 +337,8 @@ def build_loaders(
     else:
         source = _source(cfg, True, in_chans)
         num_samples, class_names = len(source), source.class_names
-        log = SkipLog(f"the {cfg.kind} train split{share}", num_samples // world_size, cfg.max_bad_fraction)
+        where = f" ({os.path.join(cfg.root, cfg.train_split)})" if cfg.kind == "imagefolder" else ""
+        log = SkipLog(f"the {cfg.kind} train split{where}{share}", num_samples // world_size, cfg.max_bad_fraction)
         if isinstance(source, TensorImages) and not cfg.per_sample_augmentation:
             augment = BatchAugment(
                 preprocessing,

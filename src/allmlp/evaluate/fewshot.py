@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from torchvision.datasets import ImageFolder
 
 from ..atomic import write_bytes_atomic
-from ..tools.inference import eval_transform, forward_images, load_model, resolve_device
+from ..tools.inference import entry_name, eval_transform, forward_images, load_model, resolve_device
 from ..weights.files import write_safetensors
 
 L2_GRID = tuple(2.0**i for i in range(-10, 20))
@@ -208,7 +208,7 @@ class FeatureCache:
 
 
 def fewshot(
-    model_name: str,
+    model_name: str | None,
     weights: str | os.PathLike,
     data: str | os.PathLike,
     shots: Sequence[int] = (1, 5, 10, 25),
@@ -238,6 +238,8 @@ def fewshot(
 
     device = resolve_device(device)
     model = load_model(weights, model_name).to(device)
+    label = model_name or type(model).__name__  # a file that carries its architecture needs no registry name
+    model_name = entry_name(model, model_name)
     transform = eval_transform(model, model_name, preset)
     cache_path = None
     if cache_dir is not None:
@@ -264,7 +266,7 @@ def fewshot(
         std = float(np.std(top1, ddof=1)) if seeds > 1 else 0.0
         results.append({"shots": k, "top1_mean": float(np.mean(top1)), "top1_std": std, "top1": top1, "l2": chosen})
     return {
-        "model": model_name,
+        "model": label,
         "weights": str(weights),
         "data": str(data),
         "classes": num_classes,
@@ -291,6 +293,7 @@ def _features(model, root, paths, transform, cache, batch_size, device, num_work
             batch_size=batch_size,
             device=device,
             num_workers=num_workers,
+            desc="fewshot features",
         )
         new = {missing[i]: (stats[missing[i]], row) for i, row in zip(result.indices, result.outputs, strict=True)}
         cache.update(new)  # kept even if some files failed, so that a rerun does not recompute them

@@ -236,7 +236,8 @@ def list_models(pattern: str = "*") -> list[str]:
 def get_entry(name: str) -> ModelEntry:
     """The registry entry of `name`; an unknown name fails with the closest registered names."""
     if name not in REGISTRY:
-        close = difflib.get_close_matches(name, REGISTRY, n=5, cutoff=0.5)
+        by_lower = {registered.lower(): registered for registered in REGISTRY}  # `Mixer_B16_224` -> mixer_b16_224
+        close = [by_lower[lower] for lower in difflib.get_close_matches(name.lower(), by_lower, n=5, cutoff=0.5)]
         hint = f"did you mean {', '.join(close)}?" if close else f"registered: {', '.join(list_models())}"
         raise ValueError(f"unknown model {name!r}; {hint}")
     return REGISTRY[name]

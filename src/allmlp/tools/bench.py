@@ -21,11 +21,14 @@ import contextlib
 import csv
 import io
 import json
+import os
 import platform
+import re
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..atomic import write_bytes_atomic
+from ..models.layers import to_pair
 from ..models.registry import create_model, list_models
 
 DTYPES = ("fp32", "bf16", "bf16-autocast")
@@ -167,7 +171,7 @@ class Step:
             model.set_grad_checkpointing(True)
         model = model.to(device)
         generator = torch.Generator().manual_seed(0)  # the same inputs for allmlp and the peer
-        in_chans, size = reference.config["in_chans"], reference.config["img_size"]
+        in_chans, size = reference.config["in_chans"], to_pair(reference.config["img_size"], "img_size")
         self.images = torch.randn(case.batch_size, in_chans, *size, generator=generator).to(device)
         if case.mode == "inference":
             model.eval()
@@ -245,7 +249,7 @@ def model_flops(name: str, batch_size: int, mode: str) -> int:
     """
     with torch.device("meta"):
         model = create_model(name)
-        images = torch.empty(batch_size, model.config["in_chans"], *model.config["img_size"])
+        images = torch.empty(batch_size, model.config["in_chans"], *to_pair(model.config["img_size"], "img_size"))
     mapping = {torch.ops.aten.addmm_: lambda _self, a, b, *args, out_shape=None, **kwargs: 2 * a[0] * a[1] * b[1]}
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         out = model(images)
@@ -272,11 +276,34 @@ def measure_memory(step: Step) -> tuple[float, float | None]:
     return _cpu_memory(step)
 
 
+# the profiler's native library logs on file descriptor 2 as "LEVEL:YYYY-MM-DD hh:mm:ss pid:tid file:line] text";
+# on a CPU machine that is start/stop notes and a failed GPU probe ("gpuGetDeviceCount failed"): noise here
+_PROFILER_LOG = re.compile(r"^(USDT|INFO|WARNING|ERROR|STAGE):\d{4}-\d\d-\d\d [\d:]+ \d+:\d+ \S+:\d+\] ")
+
+
+@contextlib.contextmanager
+def _without_profiler_log() -> Iterator[None]:
+    """Hold back what native code writes to stderr meanwhile, then pass on every line except the profiler's log."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines() if not _PROFILER_LOG.match(line)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
+
+
 def _cpu_memory(step: Step) -> tuple[float, float | None]:
     """The CPU allocator keeps no statistics; the profiler records every allocation and free with a timestamp."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_log(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with record_function("bench_forward"):
             loss = step.run_forward()
         step.finish(loss)
@@ -298,7 +325,10 @@ def _check_same_function(ours: nn.Module, peer: nn.Module, name: str) -> float:
     """Max |difference| of the float32 features (the final norm's tokens) on two random images; a peer that
     computes something else is an error. Features, not logits: a new Mixer's head is zero, so its logits are."""
     images = torch.randn(
-        2, ours.config["in_chans"], *ours.config["img_size"], generator=torch.Generator().manual_seed(1)
+        2,
+        ours.config["in_chans"],
+        *to_pair(ours.config["img_size"], "img_size"),
+        generator=torch.Generator().manual_seed(1),
     )
     with torch.no_grad():
         a, b = ours.eval().forward_features(images), peer.eval().forward_features(images)
@@ -518,16 +548,33 @@ def _cpu_info() -> tuple[str, set[str]]:
     return name, flags
 
 
-def write_results(rows: list[Row], out_dir: str | Path, settings: dict) -> tuple[Path, Path]:
-    """`results.csv` (one line per row) and `results.json` (rows, per-round times, machine, settings), atomically."""
+def _free_stem(out_dir: Path) -> str:
+    """`results`, or `results-2`, `results-3`, ... when earlier runs' files are there: they are kept."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for number in range(1, 10_000):
+        stem = "results" if number == 1 else f"results-{number}"
+        try:
+            (out_dir / f"{stem}.json").open("x").close()  # reserves the name against a bench started alongside
+        except FileExistsError:
+            continue
+        if not (out_dir / f"{stem}.csv").exists():
+            return stem
+    raise ValueError(f"{out_dir}: no free results-N name")
+
+
+def write_results(rows: list[Row], out_dir: str | Path, settings: dict, stem: str | None = None) -> tuple[Path, Path]:
+    """`results.csv` (one line per row) and `results.json` (rows, per-round times, machine, settings), atomically;
+    `results-2.*`, `results-3.*`, ... when an earlier run's results are in `out_dir` (they are never overwritten).
+    stem: a name reserved beforehand with `_free_stem`."""
     out_dir = Path(out_dir)
+    stem = stem or _free_stem(out_dir)
     names = [f.name for f in fields(Row) if f.name != "rounds_ms"]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=names, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: v for k, v in asdict(row).items() if k != "rounds_ms"})
-    csv_path, json_path = out_dir / "results.csv", out_dir / "results.json"
+    csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
     write_bytes_atomic(csv_path, text.getvalue().encode())
     document = {"machine": machine(), "settings": settings, "rows": [asdict(row) for row in rows]}
     write_bytes_atomic(json_path, (json.dumps(document, indent=2) + "\n").encode())
@@ -536,7 +583,12 @@ def write_results(rows: list[Row], out_dir: str | Path, settings: dict) -> tuple
 
 def run_command(cases: list[Case], settings: Settings, out_dir: str | Path, markdown: bool = False) -> list[Row]:
     """`allmlp bench`: run, print the table (and the grad-checkpointing memory lines), write CSV and JSON."""
-    rows = bench(cases, settings)
+    stem = _free_stem(Path(out_dir))  # an output that cannot be written fails now, not after the timing
+    try:
+        rows = bench(cases, settings)
+    except BaseException:
+        (Path(out_dir) / f"{stem}.json").unlink(missing_ok=True)
+        raise
     info = machine()
     print(
         f"{info['cpu']} ({info['cpu_bf16_unit']}), {info['threads']} threads, torch {info['torch']}, "
@@ -545,6 +597,7 @@ def run_command(cases: list[Case], settings: Settings, out_dir: str | Path, mark
     print(format_table(rows, markdown))
     for line in checkpointing_summary(rows):
         print(line)
-    csv_path, json_path = write_results(rows, out_dir, {"cases": [asdict(c) for c in cases], **asdict(settings)})
+    settings_used = {"cases": [asdict(c) for c in cases], **asdict(settings)}
+    csv_path, json_path = write_results(rows, out_dir, settings_used, stem)
     print(f"wrote {csv_path} and {json_path}")
     return rows

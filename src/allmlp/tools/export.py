@@ -19,9 +19,11 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..models.registry import create_model
+from ..progress import Progress
 from .inference import input_size, load_model
 
 FORMATS = ("onnx", "torchscript", "exported-program")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}  # what each format is loaded by
 TOLERANCE = 1e-4
 TRACE_BATCH, CHECK_BATCH = 2, 3  # traced with one batch size, checked with another: the batch axis must be dynamic
 
@@ -32,12 +34,21 @@ class ExportCheck:
     format: str
     max_abs_diff: float
     check_batch: int
+    constant_outputs: bool = False  # every output the same (a fresh Mixer's zero head): the check proved little
 
 
 def export(model: nn.Module, out: str | os.PathLike, fmt: str, seed: int = 0) -> ExportCheck:
     """Export a float32, eval-mode copy of `model` to `out` in format `fmt`, check it, and return the check's result."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    out = Path(out)
+    if out.suffix != SUFFIXES[fmt]:
+        raise ValueError(
+            f"{fmt} files end in {SUFFIXES[fmt]} (the loaders go by it), got {out.name}; "
+            f"formats and suffixes: {', '.join(f'{f} {x}' for f, x in SUFFIXES.items())}"
+        )
+    if out.is_dir():
+        raise ValueError(f"-o {out}: is a folder; give the file to write")
     model = copy.deepcopy(model).float().eval()  # the caller's model keeps its dtype and mode
     in_chans = model.config.get("in_chans", 3)
     generator = torch.Generator().manual_seed(seed)
@@ -46,10 +57,12 @@ def export(model: nn.Module, out: str | os.PathLike, fmt: str, seed: int = 0) ->
     with torch.no_grad():
         expected = model(check_input)
 
-    out = Path(out)
-    with atomic_path(out) as tmp:  # the file appears only once it has reproduced PyTorch
-        run = _WRITERS[fmt](model, trace_input, tmp)
-        got = run(check_input)
+    with Progress(3, f"export {fmt}", unit="stages") as progress, atomic_path(out) as tmp:
+        # the file appears only once it has reproduced PyTorch
+        run = _WRITERS[fmt](model, trace_input, tmp)  # trace and write
+        progress.update()
+        got = run(check_input)  # load back and run
+        progress.update()
         if got.shape != expected.shape:
             raise ValueError(
                 f"{fmt} export gives outputs of shape {tuple(got.shape)} for a batch of {CHECK_BATCH}, "
@@ -61,7 +74,9 @@ def export(model: nn.Module, out: str | os.PathLike, fmt: str, seed: int = 0) ->
                 f"{fmt} export does not reproduce PyTorch: max abs difference {diff.max().item():.3g} "
                 f"(tolerance {TOLERANCE} absolute + {TOLERANCE} relative)"
             )
-    return ExportCheck(out, fmt, diff.max().item(), CHECK_BATCH)
+        progress.update()  # compared
+    constant = bool((expected == expected.flatten()[0]).all())
+    return ExportCheck(out, fmt, diff.max().item(), CHECK_BATCH, constant)
 
 
 def export_weights(

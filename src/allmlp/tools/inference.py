@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.datasets import IMAGE_EXTENSIONS, UNREADABLE_ERRORS, read_image
 from ..data.transforms import build_eval_transform
 from ..models.layers import to_pair
-from ..models.registry import create_model, get_entry
+from ..models.registry import create_model, get_entry, list_models
+from ..progress import Progress
 from ..weights import read_config
 from .convert import model_for_weights
 
@@ -53,18 +54,27 @@ def load_model(weights: str | os.PathLike, model_name: str | None = None) -> nn.
     return model_for_weights(weights, model_name).eval()
 
 
+def entry_name(model: nn.Module, model_name: str | None) -> str:
+    """The registry entry whose preprocessing the model's inputs get: `model_name`, or for a model rebuilt from an
+    allmlp file alone, the first entry of its architecture (every entry of a family preprocesses alike)."""
+    if model_name is not None:
+        return model_name
+    architecture = type(model).__name__
+    return next(name for name in list_models() if get_entry(name).architecture.__name__ == architecture)
+
+
 def input_size(model: nn.Module) -> tuple[int, int]:
     """The (H, W) the model takes; families without a fixed size are evaluated at 224, as their papers do."""
     return to_pair(model.config.get("img_size", 224), "img_size")
 
 
-def eval_transform(model: nn.Module, model_name: str, preset: str | None = None) -> Callable:
-    """PIL image -> model input, with the preprocessing of the registry entry `model_name`.
+def eval_transform(model: nn.Module, model_name: str | None, preset: str | None = None) -> Callable:
+    """PIL image -> model input, with the preprocessing of the registry entry `model_name` (see `entry_name`).
 
     The default preset follows the entry: a plain resize where it has crop_pct 1 (official Mixer evaluation),
     shorter side to size / crop_pct and a centre crop otherwise.
     """
-    preprocessing = get_entry(model_name).preprocessing
+    preprocessing = get_entry(entry_name(model, model_name)).preprocessing
     if preset is None:
         preset = "resize" if preprocessing.crop_pct >= 1.0 else "resmall_crop"
     in_chans = model.config.get("in_chans", 3)
@@ -127,10 +137,12 @@ def forward_images(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     num_workers: int | None = None,
+    desc: str = "images",
 ) -> ImageOutputs:
     """Logits (or pre-logits) of every readable image in `paths`, batched; the model is put in eval mode.
 
     num_workers: image-decoding processes; default min(4, CPU count), 0 decodes in this process.
+    desc: the label of the progress shown on stderr (a bar on a terminal, a line every tenth otherwise).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -141,14 +153,16 @@ def forward_images(
     images = _ReadImages(paths, transform, model.config.get("in_chans", 3))
     loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_as_list)
     outputs, indices, failures = [], [], {}
-    for batch in loader:
-        failures.update({index: reason for index, pixels, reason in batch if pixels is None})
-        good = [(index, pixels) for index, pixels, _ in batch if pixels is not None]
-        if not good:
-            continue
-        x = torch.stack([pixels for _, pixels in good]).to(device=device, dtype=dtype)
-        out = model.forward_head(model.forward_features(x), pre_logits=pre_logits)
-        outputs.append(out.float().cpu())
-        indices.extend(index for index, _ in good)
+    with Progress(len(images), desc) as progress:
+        for batch in loader:
+            progress.update(len(batch))
+            failures.update({index: reason for index, pixels, reason in batch if pixels is None})
+            good = [(index, pixels) for index, pixels, _ in batch if pixels is not None]
+            if not good:
+                continue
+            x = torch.stack([pixels for _, pixels in good]).to(device=device, dtype=dtype)
+            out = model.forward_head(model.forward_features(x), pre_logits=pre_logits)
+            outputs.append(out.float().cpu())
+            indices.extend(index for index, _ in good)
     width = outputs[0].shape[1] if outputs else 0
     return ImageOutputs(torch.cat(outputs) if outputs else torch.empty(0, width), indices, failures)

@@ -17,13 +17,17 @@ import numpy as np
 import torch
 
 from ..atomic import write_bytes_atomic
+from ..weights import read_class_names
 from ..weights.files import write_safetensors
 from .inference import eval_transform, find_images, forward_images, load_model, resolve_device
 
 
-def class_names(num_classes: int, labels_file: str | os.PathLike | None = None) -> list[str] | None:
-    """Names of the classes: from `labels_file` (one per line, or a JSON list), ImageNet-1k's for a 1000-class
-    head (shipped with torchvision, no download), else None (numeric ids are shown)."""
+def class_names(
+    num_classes: int, labels_file: str | os.PathLike | None = None, weights: str | os.PathLike | None = None
+) -> list[str] | None:
+    """Names of the classes: from `labels_file` (one per line, or a JSON list), else those stored in the weights
+    file (`allmlp finetune` and `allmlp train` store the data's class names), ImageNet-1k's for a 1000-class head
+    (shipped with torchvision, no download), else None (numeric ids are shown)."""
     if labels_file is not None:
         text = Path(labels_file).read_text(encoding="utf-8")
         if Path(labels_file).suffix == ".json":
@@ -36,6 +40,9 @@ def class_names(num_classes: int, labels_file: str | os.PathLike | None = None) 
         if len(names) != num_classes:
             raise ValueError(f"{labels_file}: {len(names)} class names for a model with {num_classes} classes")
         return names
+    stored = read_class_names(weights) if weights is not None else None
+    if stored is not None and len(stored) == num_classes:
+        return stored
     if num_classes == 1000:
         from torchvision.models import ResNet50_Weights
 
@@ -46,7 +53,7 @@ def class_names(num_classes: int, labels_file: str | os.PathLike | None = None) 
 def predict(
     inputs: Sequence[str | os.PathLike],
     weights: str | os.PathLike,
-    model_name: str,
+    model_name: str | None,
     topk: int = 5,
     labels_file: str | os.PathLike | None = None,
     batch_size: int = 32,
@@ -63,7 +70,7 @@ def predict(
     num_classes = model.num_classes
     if num_classes == 0:
         raise ValueError(f"{weights}: the model has no classifier head; use `allmlp embed` for its features")
-    names = class_names(num_classes, labels_file)
+    names = class_names(num_classes, labels_file, weights)
     paths = find_images(inputs)
     result = forward_images(
         model,
@@ -73,6 +80,7 @@ def predict(
         batch_size=batch_size,
         device=device,
         num_workers=num_workers,
+        desc="predict",
     )
     if result.indices:
         probs, classes = result.outputs.softmax(dim=1).topk(min(topk, num_classes), dim=1)
@@ -107,7 +115,7 @@ def print_predictions(records: list[dict], as_json: bool) -> int:
 def embed(
     inputs: Sequence[str | os.PathLike],
     weights: str | os.PathLike,
-    model_name: str,
+    model_name: str | None,
     out: str | os.PathLike,
     batch_size: int = 32,
     device: str | None = None,
@@ -133,9 +141,10 @@ def embed(
         batch_size=batch_size,
         device=device,
         num_workers=num_workers,
+        desc="embed",
     )
     kept = [str(paths[i]) for i in result.indices]
-    info = {"model": model_name, "weights": str(weights)}
+    info = {"model": model_name or type(model).__name__, "weights": str(weights)}
     if out.suffix == ".safetensors":
         metadata = {"paths": json.dumps(kept), **info}
         write_safetensors({"embeddings": result.outputs}, out, metadata)

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..atomic import atomic_path
 from ..models.mixer import MlpMixer
 
 
@@ -149,18 +150,27 @@ def visualize(
     token_mixing_block{i}.png for each of `blocks` (MlpMixer only; default: the first block), stem_filters.png,
     and training_curves.png from `run_dir`/metrics.jsonl.
     """
+    # everything is checked and drawn before the first file is written: a bad argument leaves nothing behind
+    if not isinstance(model, MlpMixer) and blocks:
+        raise ValueError(f"token-mixing units exist in MlpMixer models, not in {type(model).__name__}")
+    if isinstance(model, MlpMixer):
+        blocks = (0,) if blocks is None else blocks
+        wrong = [block for block in blocks if not 0 <= block < len(model.blocks)]
+        if wrong:
+            raise ValueError(
+                f"--blocks {' '.join(map(str, wrong))}: this model has {len(model.blocks)} blocks, "
+                f"numbered 0 to {len(model.blocks) - 1}"
+            )
     out_dir = Path(out_dir)
+    pictures = {f"token_mixing_block{block}.png": draw_token_mixing(model, block) for block in blocks or ()}
+    pictures["stem_filters.png"] = draw_stem(model)
+    records = read_run_metrics(run_dir) if run_dir is not None else None
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    if isinstance(model, MlpMixer):
-        for block in (0,) if blocks is None else blocks:
-            image = draw_token_mixing(model, block)
-            written.append(out_dir / f"token_mixing_block{block}.png")
-            image.save(written[-1])
-    elif blocks:
-        raise ValueError(f"token-mixing units exist in MlpMixer models, not in {type(model).__name__}")
-    draw_stem(model).save(out_dir / "stem_filters.png")
-    written.append(out_dir / "stem_filters.png")
-    if run_dir is not None:
-        written.append(draw_curves(read_run_metrics(run_dir), out_dir / "training_curves.png"))
+    for name, image in pictures.items():
+        with atomic_path(out_dir / name) as tmp:
+            image.save(tmp, format="PNG")
+        written.append(out_dir / name)
+    if records is not None:
+        written.append(draw_curves(records, out_dir / "training_curves.png"))
     return written

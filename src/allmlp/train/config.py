@@ -39,7 +39,11 @@ def option(default: Any, doc: str) -> Any:
 @dataclass
 class ModelConfig:
     name: str = option("mixer_s16_224", "registered model name (`allmlp list`)")
-    weights: str | None = option(None, "initial weights, any format allmlp.load_weights reads (finetune/eval)")
+    weights: str | None = option(
+        None,
+        "initial weights, any format allmlp.load_weights reads (finetune/eval); an allmlp safetensors file's stored "
+        "config decides the architecture",
+    )
     img_size: int | None = option(None, "input resolution; null: the registry entry's")
     in_chans: int = option(3, "input channels: 3 (RGB) or 1 (grey)")
     drop_rate: float = option(0.0, "dropout before the head")
@@ -214,6 +218,19 @@ def build_dataclass(cls: type, values: dict, path: str = "") -> Any:
         raise ConfigError(str(err)) from err
 
 
+def plain_value(value: object) -> object:
+    """A config value as a recipe writes it: lists for tuples, and a square pair (a weights file's (28, 28)) as
+    one int."""
+    if isinstance(value, tuple | list):
+        items = [plain_value(v) for v in value]
+        return items[0] if len(items) == 2 and items[0] == items[1] and not isinstance(items[0], list) else items
+    return value
+
+
+def same_value(a: object, b: object) -> bool:
+    return plain_value(a) == plain_value(b)
+
+
 def to_dict(cfg: Any) -> Any:
     """Plain data (dicts, lists, scalars) for YAML; tuples become lists."""
     if dataclasses.is_dataclass(cfg):
@@ -243,10 +260,28 @@ def recipe_path(name_or_file: str | os.PathLike) -> Path:
     raise ConfigError(f"--config: {name_or_file} is neither a file nor a shipped recipe ({', '.join(list_recipes())})")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"duplicate key {key!r} on line {key_node.start_mark.line + 1} (first on line {seen[key]}): "
+                    "YAML would silently keep only the last value; remove one"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict:
     try:
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            values = yaml.load(f, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(values, dict):
@@ -310,17 +345,21 @@ def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def describe_fields(cls: type = RunConfig, prefix: str = "") -> list[str]:
-    """One `--help` line per field: dotted path, type, default and its doc."""
+def describe_fields(cls: type = RunConfig, prefix: str = "", values: Any = None) -> list[str]:
+    """One `--help` line per field: dotted path, type, value and its doc. The value is taken from `values` (an
+    instance of `cls`, e.g. a command's default recipe) when given, else the field's default."""
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         path = f"{prefix}{f.name}"
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            lines.extend(describe_fields(tp, f"{path}."))
+            lines.extend(describe_fields(tp, f"{path}.", None if values is None else getattr(values, f.name)))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if values is not None:
+            default = getattr(values, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         doc = f.metadata.get("doc", "")
         shown = yaml.safe_dump(to_dict(default), default_flow_style=True).strip().removesuffix("...").strip()
         lines.append(f"  {path} = {shown}  ({_type_name(tp)}){'  ' + doc if doc else ''}")

@@ -10,9 +10,14 @@ point and resumed from its last checkpoint ends with the same weights as one tha
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,15 +25,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..atomic import write_json_atomic
-from ..data import build_loaders
+from ..data import Loaders, build_loaders
 from ..data.sampling import mix_seed
 from ..evaluate.metrics import Accuracy
 from ..models.registry import create_model, get_entry
 from ..tools.resolution import load_weights_adapted
 from ..weights import save_weights
-from . import distributed
-from .checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import RunConfig, TrainConfig, dump_yaml
+from . import distributed, rundir
+from .checkpoint import (
+    Position,
+    RunIdentity,
+    checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_leftovers,
+    save_checkpoint,
+)
+from .config import RunConfig, TrainConfig, dump_yaml, plain_value, same_value
 from .optim import EMA, Schedule, build_optimizer
 from .outputs import SUMMARY_FILE, RunLog, plot_metrics
 
@@ -38,6 +51,72 @@ _INIT, _STEP, _MIX = 100, 101, 102
 
 class NonFiniteLossError(ValueError):
     """The training loss became NaN or infinite; the run stopped without writing a checkpoint."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C (SIGINT) stopped the run between two steps; a checkpoint of the last finished step was written."""
+
+    def __init__(self, step: int, checkpoint: Path, run_dir: Path, command: str):
+        super().__init__(
+            f"interrupted: saved a checkpoint at step {step} ({checkpoint}); "
+            f"continue with `allmlp {command} --resume {run_dir}`"
+        )
+        self.step, self.checkpoint, self.run_dir = step, checkpoint, run_dir
+
+
+class _StopRequests:
+    """The first SIGINT asks the loop to stop after the current step (and save); a second one stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def agreed(self, procs: distributed.Processes) -> bool:
+        """Whether any process was asked to stop: all of them must stop at the same step."""
+        if not procs.distributed:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=procs.device)
+        return bool(distributed.all_reduce_sum(flag).item())
+
+
+def describe_model(cfg: RunConfig, built: dict | None = None) -> str:
+    """What the model is: its registry name, or the architecture with every value that differs from that entry
+    (the demo's small Mixer is not a mixer_s16_224, it only starts from that entry's config). `built`: the
+    model's own config, when it differs from what cfg asked for (token mixing adapted to another size)."""
+    entry = get_entry(cfg.model.name)
+    if built is not None:
+        changed = {k: v for k, v in built.items() if k not in ("num_classes", "drop_rate", "drop_path_rate")}
+    else:
+        changed = {**cfg.model.overrides}
+        if cfg.model.img_size is not None:
+            changed["img_size"] = cfg.model.img_size
+        if cfg.model.in_chans != 3:
+            changed["in_chans"] = cfg.model.in_chans
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(entry.architecture.__init__).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    changed = {k: v for k, v in changed.items() if not same_value(entry.config.get(k, defaults.get(k)), v)}
+    if not changed:
+        return cfg.model.name
+    order = list(entry.config)
+    keys = sorted(changed, key=lambda k: order.index(k) if k in order else len(order))
+    return f"{entry.architecture.__name__}({', '.join(f'{k}={plain_value(changed[k])}' for k in keys)})"
 
 
 def build_model(cfg: RunConfig, num_classes: int, *, new_head: bool = False) -> nn.Module:
@@ -58,7 +137,8 @@ def build_model(cfg: RunConfig, num_classes: int, *, new_head: bool = False) -> 
 
 
 def model_img_size(cfg: RunConfig) -> int | tuple[int, int]:
-    return cfg.model.img_size or get_entry(cfg.model.name).config["img_size"]
+    stored = cfg.model.overrides.get("img_size")  # a non-square size adopted from an allmlp weights file
+    return cfg.model.img_size or (tuple(stored) if stored else None) or get_entry(cfg.model.name).config["img_size"]
 
 
 def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -140,8 +220,7 @@ class _LossWindow:
         if len(bad):
             first = int(bad[0])
             raise NonFiniteLossError(
-                f"training loss is {losses[first].item()} at step {self.steps[first]}; stopped without saving. "
-                f"The last good checkpoint is intact; lower optim.lr or enable optim.clip_grad_norm and resume"
+                f"training loss is {losses[first].item()} at step {self.steps[first]}; stopped without saving"
             )
         self.steps, self.losses = [], []
         return float(losses.mean())
@@ -150,21 +229,50 @@ class _LossWindow:
 def fit(
     cfg: RunConfig, run_dir: Path, *, resume: bool = False, new_head: bool = False, progress: bool | None = None
 ) -> dict:
-    """Train as `cfg` says, writing the run directory (rank 0); returns the summary."""
+    """Train as `cfg` says, writing the run directory (rank 0); returns the summary.
+
+    A new run needs a new or empty `run_dir` (ConfigError otherwise). A new run that fails before its first
+    checkpoint (unreadable data, ...) removes what it wrote; Ctrl-C saves a checkpoint and raises
+    TrainingInterrupted."""
     procs = distributed.start(cfg.train.device)
     threads = torch.get_num_threads()
     # the caller's RNG state and thread count are left as they were (fit re-seeds at every step)
     with torch.random.fork_rng(devices=[procs.device] if procs.device.type == "cuda" else []):
         try:
             return _fit(cfg, Path(run_dir), procs, resume, new_head, progress)
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(f"{err}. {_nan_advice(cfg, Path(run_dir))}") from None
         finally:
             torch.set_num_threads(threads)
             distributed.stop()
 
 
+def _nan_advice(cfg: RunConfig, run_dir: Path) -> str:
+    found = checkpoints(run_dir)
+    kept = f"Checkpoints up to {found[-1].name} are intact, but" if found else "No checkpoint was written, and"
+    return (
+        f"{kept} --resume repeats the same settings. Start a new run from this one's config with a lower learning "
+        f"rate (and clipping, if off): allmlp train --config {run_dir / rundir.CONFIG_FILE} --output NEW_DIR "
+        f"optim.lr={cfg.optim.lr / 10:g} optim.clip_grad_norm={cfg.optim.clip_grad_norm or 1.0:g}"
+    )
+
+
+def _warmup_warning(cfg: RunConfig, total_steps: int, steps_per_epoch: int) -> str | None:
+    """A warning when the warm-up is longer than the run (e.g. the demo's recipe cut to one epoch)."""
+    warmup = cfg.schedule.warmup_steps + cfg.schedule.warmup_epochs * steps_per_epoch
+    if warmup <= total_steps:
+        return None
+    return (
+        f"warning: the warm-up ({warmup:g} steps: schedule.warmup_steps {cfg.schedule.warmup_steps} + "
+        f"warmup_epochs {cfg.schedule.warmup_epochs:g} x {steps_per_epoch} steps/epoch) is longer than the run "
+        f"({total_steps} steps): the learning rate stops at {total_steps / warmup:.0%} of the way to optim.lr and "
+        "never decays; shorten schedule.warmup_steps / schedule.warmup_epochs to match"
+    )
+
+
 def _fit(cfg: RunConfig, run_dir: Path, procs: distributed.Processes, resume: bool, new_head: bool, progress) -> dict:
     run_started = time.monotonic()
-    t, device = cfg.train, procs.device
+    t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
     per_rank = t.batch_size // procs.world_size
@@ -185,7 +293,47 @@ def _fit(cfg: RunConfig, run_dir: Path, procs: distributed.Processes, resume: bo
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size: {t.batch_size} x grad_accum leaves no full step in one epoch of data")
     total_steps = t.steps or math.ceil(t.epochs * steps_per_epoch)
+    identity = RunIdentity.of(dump_yaml(cfg), procs.world_size)
+    fresh_dir = procs.is_main and not resume
+    if fresh_dir:
+        existed = run_dir.is_dir()
+        rundir.claim(run_dir, dump_yaml(cfg))
+    try:
+        plan = _Plan(loaders, steps_per_epoch, total_steps, identity, run_started)
+        return _train(cfg, run_dir, procs, plan, resume, new_head, progress)
+    except (NonFiniteLossError, TrainingInterrupted):
+        raise
+    except BaseException:
+        if fresh_dir and not checkpoints(run_dir):  # nothing to resume: leave no half-written run behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if existed:
+                run_dir.mkdir(exist_ok=True)
+        raise
 
+
+@dataclass(frozen=True)
+class _Plan:
+    """What `_fit` settled before the run directory was claimed: the data, the run's length and its identity."""
+
+    loaders: Loaders
+    steps_per_epoch: int
+    total_steps: int
+    identity: RunIdentity
+    started: float  # time.monotonic() when fit began
+
+
+def _train(
+    cfg: RunConfig,
+    run_dir: Path,
+    procs: distributed.Processes,
+    plan: _Plan,
+    resume: bool,
+    new_head: bool,
+    progress: bool | None,
+) -> dict:
+    t, device = cfg.train, procs.device
+    loaders, identity, run_started = plan.loaders, plan.identity, plan.started
+    steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
     torch.manual_seed(mix_seed(t.seed, _INIT))  # the same initial weights on every rank and every run
     model = build_model(cfg, loaders.num_classes, new_head=new_head).to(device)
     if t.channels_last:
@@ -195,7 +343,11 @@ def _fit(cfg: RunConfig, run_dir: Path, procs: distributed.Processes, resume: bo
     ema = EMA(model, t.ema_decay) if t.ema_decay else None
     position = Position()
     if resume:
-        position = load_checkpoint(latest_checkpoint(run_dir), model, optimizer, ema.model if ema else None)
+        if procs.is_main:
+            remove_leftovers(run_dir)
+        distributed.barrier()
+        model_ema = ema.model if ema else None
+        position = load_checkpoint(latest_checkpoint(run_dir), model, optimizer, model_ema, identity)
     elapsed_before = position.elapsed_s
     dtype = autocast_dtype(t, device)
 
@@ -209,23 +361,26 @@ def _fit(cfg: RunConfig, run_dir: Path, procs: distributed.Processes, resume: bo
 
     log = None
     if procs.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
         log = RunLog(run_dir, total_steps, position.step, progress)
-        changed = "".join(f", {k}={v}" for k, v in cfg.model.overrides.items())
+        warning = _warmup_warning(cfg, total_steps, steps_per_epoch)
+        if warning is not None:
+            log.message(warning, error=True)
         log.message(
-            f"{cfg.model.name}{f' ({changed[2:]})' if changed else ''}: "
+            f"{describe_model(cfg, model.config)}: "
             f"{sum(p.numel() for p in model.parameters()):,} parameters, {loaders.num_classes} "
             f"classes, {steps_per_epoch} steps/epoch x batch {t.batch_size}, {total_steps} steps, "
             f"{procs.world_size} process(es) on {device}, {'bf16 autocast' if dtype else 'fp32'}"
         )
 
-    def save() -> None:
+    def save() -> Path:
+        saved = run_dir / "checkpoints" / f"step_{position.step:08d}"
         if procs.is_main:
-            save_checkpoint(run_dir, model, optimizer, position, ema.model if ema else None, cfg.checkpoint.keep)
+            model_ema, keep, names = ema.model if ema else None, cfg.checkpoint.keep, loaders.class_names
+            saved = save_checkpoint(run_dir, model, optimizer, position, model_ema, keep, identity, names)
         distributed.barrier()
+        return saved
 
-    def run_eval() -> dict:
+    def run_eval(record: bool = True) -> dict:
         result = evaluate(model, loaders.val, loaders.num_classes, device, dtype, t.channels_last).result()
         row = {"eval_top1": result["eval_top1"], "eval_top5": result["eval_top5"]}
         if ema is not None:
@@ -233,7 +388,7 @@ def _fit(cfg: RunConfig, run_dir: Path, procs: distributed.Processes, resume: bo
             row.update(ema_eval_top1=ema_result["eval_top1"], ema_eval_top5=ema_result["eval_top5"])
         if position.best_eval_top1 is None or result["eval_top1"] > position.best_eval_top1:
             position.best_eval_top1 = result["eval_top1"]
-        if log is not None:
+        if log is not None and record:
             log.record({"step": position.step, "epoch": position.step / steps_per_epoch, **row})
             extra = f"  EMA top-1 {row['ema_eval_top1']:.4f}" if ema is not None else ""
             log.message(f"step {position.step}: eval top-1 {row['eval_top1']:.4f}  top-5 {row['eval_top5']:.4f}{extra}")
@@ -247,71 +402,86 @@ def _fit(cfg: RunConfig, run_dir: Path, procs: distributed.Processes, resume: bo
     window_start, window_images = time.monotonic(), 0
     last_eval: dict | None = None
     model.train()
+    stop = _StopRequests()
+    interrupted = False
     try:
-        while position.step < total_steps:
-            step = position.step
-            torch.manual_seed(mix_seed(t.seed, _STEP, procs.rank, step))  # dropout / stochastic depth of this step
-            mix_generator.manual_seed(mix_seed(t.seed, _MIX, procs.rank, step))
-            lr = schedule.apply(optimizer, step)
-            step_loss = torch.zeros((), device=device)
-            for accum in range(t.grad_accum):
-                epoch, index, (images, targets) = next(micro_batches)
-                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                if t.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                if loaders.mix is not None:
-                    images, targets = loaders.mix(images, targets, mix_generator)
-                last = accum == t.grad_accum - 1
-                sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
-                with sync:
-                    with _autocast(device, dtype):
-                        logits = train_model(images)
-                    loss = classification_loss(logits, targets, t.loss, t.label_smoothing) / t.grad_accum
-                    loss.backward()
-                step_loss += loss.detach()
-            if cfg.optim.clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
-            window.add(step, step_loss)
-            position.step = step + 1
-            position.epoch, position.batch = (epoch, index + 1) if index + 1 < usable else (epoch + 1, 0)
-            position.images_seen += t.batch_size
-            window_images += t.batch_size
+        with stop:
+            try:
+                while position.step < total_steps:
+                    if stop.agreed(procs):
+                        interrupted = True
+                        break
+                    step = position.step
+                    torch.manual_seed(
+                        mix_seed(t.seed, _STEP, procs.rank, step)
+                    )  # dropout / stochastic depth of this step
+                    mix_generator.manual_seed(mix_seed(t.seed, _MIX, procs.rank, step))
+                    lr = schedule.apply(optimizer, step)
+                    step_loss = torch.zeros((), device=device)
+                    for accum in range(t.grad_accum):
+                        epoch, index, (images, targets) = next(micro_batches)
+                        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                        if t.channels_last:
+                            images = images.contiguous(memory_format=torch.channels_last)
+                        if loaders.mix is not None:
+                            images, targets = loaders.mix(images, targets, mix_generator)
+                        last = accum == t.grad_accum - 1
+                        sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
+                        with sync:
+                            with _autocast(device, dtype):
+                                logits = train_model(images)
+                            loss = classification_loss(logits, targets, t.loss, t.label_smoothing) / t.grad_accum
+                            loss.backward()
+                        step_loss += loss.detach()
+                    if cfg.optim.clip_grad_norm is not None:
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        ema.update(model)
+                    window.add(step, step_loss)
+                    position.step = step + 1
+                    position.epoch, position.batch = (epoch, index + 1) if index + 1 < usable else (epoch + 1, 0)
+                    position.images_seen += t.batch_size
+                    window_images += t.batch_size
 
-            done = position.step == total_steps
-            epoch_end = position.batch == 0
-            evaluating = (
-                done or (t.eval_every and position.step % t.eval_every == 0) or (not t.eval_every and epoch_end)
-            )
-            saving = done or (cfg.checkpoint.every_steps and position.step % cfg.checkpoint.every_steps == 0)
-            if position.step % t.log_every == 0 or evaluating or saving:
-                mean_loss = window.mean(procs.world_size)  # raises on a non-finite loss, before any save
-                if log is not None and mean_loss is not None:
-                    now = time.monotonic()
-                    images_per_s = window_images / max(now - window_start, 1e-9)
-                    steps_done = position.step - started_step
-                    eta = (now - started) / steps_done * (total_steps - position.step)
-                    log.record(
-                        {
-                            "step": position.step,
-                            "epoch": position.step / steps_per_epoch,
-                            "lr": lr,
-                            "loss": mean_loss,
-                            "images_per_s": images_per_s,
-                        }
+                    done = position.step == total_steps
+                    epoch_end = position.batch == 0
+                    evaluating = (
+                        done or (t.eval_every and position.step % t.eval_every == 0) or (not t.eval_every and epoch_end)
                     )
-                    log.progress(position.step, mean_loss, lr, images_per_s, eta)
-                window_start, window_images = time.monotonic(), 0
-            if evaluating:
-                last_eval = run_eval()
-            position.elapsed_s = elapsed_before + time.monotonic() - run_started
-            if saving:
-                save()
+                    saving = done or (cfg.checkpoint.every_steps and position.step % cfg.checkpoint.every_steps == 0)
+                    if position.step % t.log_every == 0 or evaluating or saving:
+                        mean_loss = window.mean(procs.world_size)  # raises on a non-finite loss, before any save
+                        if log is not None and mean_loss is not None:
+                            now = time.monotonic()
+                            images_per_s = window_images / max(now - window_start, 1e-9)
+                            steps_done = position.step - started_step
+                            eta = (now - started) / steps_done * (total_steps - position.step)
+                            log.record(
+                                {
+                                    "step": position.step,
+                                    "epoch": position.step / steps_per_epoch,
+                                    "lr": lr,
+                                    "loss": mean_loss,
+                                    "images_per_s": images_per_s,
+                                }
+                            )
+                            log.progress(position.step, mean_loss, lr, images_per_s, eta)
+                        window_start, window_images = time.monotonic(), 0
+                    if evaluating:
+                        last_eval = run_eval()
+                    position.elapsed_s = elapsed_before + time.monotonic() - run_started
+                    if saving:
+                        save()
+            except Exception:
+                if not stop.requested:  # e.g. a DataLoader worker that the same Ctrl-C stopped
+                    raise
+                interrupted = True
+        if interrupted:  # the model, optimizer and position are those of the last finished step
+            raise TrainingInterrupted(position.step, save(), run_dir, "finetune" if new_head else "train")
         if last_eval is None:  # resumed from the final checkpoint: nothing left to train, evaluate the result
-            last_eval = run_eval()
+            last_eval = run_eval(record=False)  # its metrics were recorded when the run first ended
         position.elapsed_s = elapsed_before + time.monotonic() - run_started
     finally:
         micro_batches.close()
@@ -329,7 +499,9 @@ def _fit(cfg: RunConfig, run_dir: Path, procs: distributed.Processes, resume: bo
         "wall_time_s": position.elapsed_s,
         "skipped_images": len(loaders.skipped()),
         "skipped_files": loaders.skipped(),
-        "model": cfg.model.name,
+        "model": describe_model(cfg, model.config),
+        "model_entry": cfg.model.name,  # the registry entry it was built from (and preprocessed as)
+        "model_config": model.config,
         "world_size": procs.world_size,
         "device": str(device),
         "precision": "bf16" if dtype else "fp32",
@@ -337,9 +509,9 @@ def _fit(cfg: RunConfig, run_dir: Path, procs: distributed.Processes, resume: bo
     if ema is not None:
         summary.update(ema_eval_top1=last_eval["ema_eval_top1"], ema_eval_top5=last_eval["ema_eval_top5"])
     if procs.is_main:
-        save_weights(model, run_dir / "model.safetensors")
+        save_weights(model, run_dir / "model.safetensors", class_names=loaders.class_names)
         if ema is not None:
-            save_weights(ema.model, run_dir / "ema.safetensors")
+            save_weights(ema.model, run_dir / "ema.safetensors", class_names=loaders.class_names)
         write_json_atomic(run_dir / SUMMARY_FILE, summary)
         plot_metrics(run_dir)
     distributed.barrier()

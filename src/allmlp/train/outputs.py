@@ -1,7 +1,7 @@
 """What a run leaves behind and shows: metrics.jsonl, TensorBoard events, PNG plots, summary.json, progress.
 
 Only rank 0 creates a `RunLog`. On a terminal the progress is a live bar (loss, lr, images/s, ETA); otherwise
-(logs, CI) it is a plain line every `log_every` steps.
+(logs, CI, a terminal too narrow for a bar, such as one of width 0) it is a plain line every `log_every` steps.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from ..progress import is_interactive
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -39,8 +41,10 @@ class RunLog:
         with open(run_dir / METRICS_FILE, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in kept)
         self.metrics = open(run_dir / METRICS_FILE, "a")  # noqa: SIM115 - open for the whole run
-        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
-        self.interactive = sys.stderr.isatty() if progress is None else progress
+        # purge_step drops events at steps >= it: the checkpoint's own step was logged before it was saved, and stays
+        purge_step = start_step + 1 if start_step else None
+        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
+        self.interactive = is_interactive() if progress is None else progress
         self.bar = None
         if self.interactive:
             from tqdm import tqdm
@@ -68,11 +72,12 @@ class RunLog:
                 flush=True,
             )
 
-    def message(self, text: str) -> None:
+    def message(self, text: str, error: bool = False) -> None:
+        """A line above the bar on a terminal; otherwise on stdout (stderr for warnings and errors)."""
         if self.bar is not None:
             self.bar.write(text, file=sys.stderr)
         else:
-            print(text, flush=True)
+            print(text, file=sys.stderr if error else sys.stdout, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

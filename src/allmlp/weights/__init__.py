@@ -9,6 +9,7 @@ model built for another number of input channels.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -31,9 +32,10 @@ from .files import (
 )
 from .jax_mixer import convert_jax_mixer, is_jax_mixer
 
-__all__ = ["WeightsError", "adapt_stem", "load_weights", "read_state_dict", "save_weights"]
+__all__ = ["WeightsError", "adapt_stem", "load_weights", "read_class_names", "read_state_dict", "save_weights"]
 
 log = logging.getLogger(__name__)
+CLASS_NAMES_KEY = "allmlp.class_names"
 
 # (detect by key names, convert to allmlp names) for each foreign naming scheme.
 FOREIGN_FORMATS: list[tuple[Callable[[list[str]], bool], Callable[[dict], dict[str, torch.Tensor]]]] = [
@@ -173,16 +175,34 @@ def load_weights(
     return model
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike) -> str:
+def save_weights(model: nn.Module, path: str | os.PathLike, *, class_names: list[str] | None = None) -> str:
     """Write the model's weights as safetensors (atomic) with its architecture, config and the registry entry and
-    preprocessing of its pretrained_cfg in the metadata."""
+    preprocessing of its pretrained_cfg in the metadata.
+
+    class_names (one per output of the head) travel in the metadata too, so `allmlp predict` can name classes."""
     config = getattr(model, "config", None)
     if config is None:
         raise WeightsError(f"{type(model).__name__} is not an allmlp model (it has no .config to store)")
     # the preprocessing of the model's registry entry travels with the weights (see allmlp.create_model)
     metadata = config_metadata(type(model).__name__, config, getattr(model, "pretrained_cfg", {}))
+    if class_names is not None:
+        if len(class_names) != getattr(model, "num_classes", len(class_names)):
+            raise WeightsError(f"{len(class_names)} class names for a head of {model.num_classes} classes")
+        metadata[CLASS_NAMES_KEY] = json.dumps(list(class_names))
     write_safetensors(model.state_dict(), path, metadata)
     return os.fspath(path)
+
+
+def read_class_names(path: str | os.PathLike) -> list[str] | None:
+    """The class names stored by `save_weights(..., class_names=...)`, or None."""
+    text = read_metadata(path).get(CLASS_NAMES_KEY)
+    if text is None:
+        return None
+    try:
+        names = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{path}: the class names in its metadata are damaged: {err}") from err
+    return [str(name) for name in names]
 
 
 def read_config(path: str | os.PathLike) -> tuple[str, dict] | None:

@@ -20,6 +20,17 @@ from safetensors.torch import save_file
 
 from ..atomic import atomic_path
 
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers ("header too large")
+# what torch appends to a refused pickle: advice to load it unsafely, which allmlp never does
+_TORCH_ADVICE = ("weights_only", "re-running", "check the documentation", "in pytorch 2.6", "https://")
+
+
+def torch_reason(err: BaseException) -> str:
+    """torch.load's error without its advice to pass weights_only=False (allmlp never unpickles code)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    kept = [line for line in lines if not any(advice in line.lower() for advice in _TORCH_ADVICE)]
+    return "; ".join(kept) if kept else type(err).__name__
+
 
 class WeightsError(ValueError):
     """A weight file or state dict that cannot be used as asked; the message says what and why."""
@@ -42,7 +53,18 @@ def detect_format(path: str | os.PathLike) -> str:
         if any(name.endswith("data.pkl") for name in names):
             return "torch"
         raise WeightsError(f"{path}: zip archive that is neither an .npz nor a PyTorch checkpoint")
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] + 8 <= size:
+    if len(head) == 9 and head[8:9] == b"{":
+        header = struct.unpack("<Q", head[:8])[0]
+        if header + 8 > size:
+            raise WeightsError(
+                f"{path}: safetensors file whose header claims {header:,} bytes, but the file has {size:,}: "
+                "truncated or damaged"
+            )
+        if header > SAFETENSORS_MAX_HEADER:
+            raise WeightsError(
+                f"{path}: safetensors header of {header:,} bytes, more than the {SAFETENSORS_MAX_HEADER:,} the "
+                "safetensors library reads (a header of metadata this large is damaged or hostile)"
+            )
         return "safetensors"
     if head[:1] == b"\x80":
         return "torch"
@@ -73,10 +95,13 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor | np.n
         if kind == "npz" and "allow_pickle" in reason:
             reason = "it holds pickled object arrays, which are never loaded"
         elif kind == "torch" and "weights_only" in str(err).lower():
-            reason = "it holds pickled objects other than tensors, which are never unpickled"
+            reason = f"it holds pickled objects other than tensors, which are never unpickled ({torch_reason(err)})"
         raise WeightsError(f"{path}: cannot read {kind} weights: {reason}") from err
     except Exception as err:  # pickle.UnpicklingError and friends from a hostile or corrupt pickle
-        raise WeightsError(f"{path}: refused to load {kind} checkpoint: {err}") from err
+        raise WeightsError(
+            f"{path}: refused to load {kind} checkpoint: it holds pickled objects other than tensors, which are "
+            f"never unpickled ({torch_reason(err)})"
+        ) from err
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
