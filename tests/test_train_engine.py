@@ -369,8 +369,9 @@ def test_finetune_on_grey_images_from_rgb_weights_adapts_the_stem(tmp_path, caps
     model = TINY["model"]
     rgb = allmlp.create_model(model["name"], img_size=model["img_size"], num_classes=3, **model["overrides"])
     allmlp.save_weights(rgb, tmp_path / "rgb.safetensors")
-    recipe = tiny(tmp_path, "train.steps=1")  # the demo data is grey: model.in_chans=1
-    argv = ["finetune", "--config", str(recipe), "--weights", str(tmp_path / "rgb.safetensors")]
+    recipe = tiny(tmp_path, "train.steps=1")
+    # the weights file decides in_chans unless the command line says otherwise: grey digits, one channel
+    argv = ["finetune", "--config", str(recipe), "--weights", str(tmp_path / "rgb.safetensors"), "model.in_chans=1"]
     assert main([*argv, "--output", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err
     assert "allmlp: stem.proj.weight: the 3-channel (RGB) stem adapted to in_chans=1 (RGB filters summed)" in err
@@ -387,8 +388,8 @@ def test_layer_decay_run_resumes_exactly(tmp_path, monkeypatch):
     restored = []
     real_load = engine.load_checkpoint
 
-    def load_and_look(path, model, optimizer, ema_model):
-        position = real_load(path, model, optimizer, ema_model)
+    def load_and_look(path, model, optimizer, ema_model, *rest):
+        position = real_load(path, model, optimizer, ema_model, *rest)
         restored.append(sorted({group["lr_scale"] for group in optimizer.param_groups}))
         return position
 

@@ -54,7 +54,8 @@ _NOT_ARCHITECTURE = ("num_classes", "drop_rate", "drop_path_rate", "img_size", "
 def adopt_stored_architecture(cfg: RunConfig, explicit: list[str]) -> RunConfig:
     """When model.weights is an allmlp safetensors file, its stored config decides the architecture (the recipe's
     model section yields to it); a command-line `model.*` override that contradicts it is an error naming both.
-    model.img_size may differ: Mixer weights are then adapted to it (allmlp.adapt_resolution)."""
+    model.img_size may differ: Mixer weights are then adapted to it (allmlp.adapt_resolution); so may
+    model.in_chans: an RGB stem is then adapted to it, as timm does."""
     weights = cfg.model.weights
     stored = read_config(weights) if weights is not None else None
     if stored is None:
@@ -71,11 +72,13 @@ def adopt_stored_architecture(cfg: RunConfig, explicit: list[str]) -> RunConfig:
             )
         m.name = next(name for name in list_models() if get_entry(name).architecture.__name__ == architecture)
         entry = get_entry(m.name)
-    if "model.in_chans" in given and m.in_chans != config["in_chans"]:
+    if "model.in_chans" not in given:
+        m.in_chans = config["in_chans"]
+    elif m.in_chans != config["in_chans"] and config["in_chans"] != 3:  # an RGB stem is adapted on loading
         raise ConfigError(
-            f"model.in_chans={m.in_chans} contradicts {weights}, which was trained with in_chans={config['in_chans']}"
+            f"model.in_chans={m.in_chans} contradicts {weights}, which was trained with in_chans={config['in_chans']} "
+            "(only an RGB stem adapts to another in_chans)"
         )
-    m.in_chans = config["in_chans"]
     for key, value in config.items():
         path = f"model.overrides.{key}"
         if key not in _NOT_ARCHITECTURE and path in given and not same_value(m.overrides.get(key), value):
