@@ -208,6 +208,53 @@ def _add_invariance(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_invariance)
 
 
+def _run_compare(args: argparse.Namespace) -> None:
+    from .evaluate.compare import compare, default_cache_dir, image_set, load_layered, save_comparison
+    from .tools.inference import resolve_device
+
+    device = resolve_device(args.device)
+    model_a = load_layered(args.a, args.weights_a, args.layers_a, args.img_size_a, device)
+    model_b = load_layered(args.b, args.weights_b, args.layers_b, args.img_size_b, device)
+    images = image_set(args.data, args.max_images, args.seed)
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    cka_batch = args.cka_batch or None
+    report = compare(model_a, model_b, images, cka_batch, not args.biased, args.batch_size, device, cache_dir)
+    for path in save_comparison(report, args.out):
+        print(f"wrote {path}")
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="layer-by-layer linear CKA between two models (allmlp, timm:NAME, torchvision:NAME) on a set of images",
+        description="Linear CKA between every chosen layer of model A and of model B on the same images: "
+        "Nguyen et al.'s minibatch estimator with unbiased HSIC (default, bounded memory), or the full estimate "
+        "(--cka-batch 0). Writes cka.json, cka.csv and the heatmap cka.png to --out; Gram matrices are cached.",
+    )
+    for side in ("a", "b"):
+        p.add_argument(
+            f"--{side}", required=True, help=f"model {side.upper()}: allmlp name, timm:NAME, torchvision:NAME"
+        )
+        p.add_argument(f"--weights-{side}", help="weight file (allmlp: any supported format; others: a state dict)")
+        p.add_argument(
+            f"--layers-{side}",
+            nargs="+",
+            help="forward_intermediates indices (allmlp, timm) or graph node names (torchvision); default: all blocks",
+        )
+        p.add_argument(f"--img-size-{side}", type=int, help="input size (default: the model's; torchvision 224)")
+    p.add_argument("--data", required=True, help="image folder (searched recursively) or 'demo' (bundled digits)")
+    p.add_argument("--out", required=True, help="folder for cka.json, cka.csv, cka.png")
+    p.add_argument("--max-images", type=int, help="use this many images of the shuffled set (default: all)")
+    p.add_argument("--cka-batch", type=int, default=256, help="images per CKA minibatch; 0: all at once (full CKA)")
+    p.add_argument("--biased", action="store_true", help="plain HSIC (Kornblith et al. 2019) instead of unbiased")
+    p.add_argument("--seed", type=int, default=0, help="order of the images, hence the minibatches (default 0)")
+    p.add_argument("--cache-dir", help="Gram matrix cache (default ~/.cache/allmlp/compare)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write cached Gram matrices")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    p.set_defaults(run=_run_compare)
+
+
 def _run_predict(args: argparse.Namespace) -> int:
     from .tools.predict import predict, print_predictions
 
@@ -451,6 +498,7 @@ COMMANDS = [
     _add_fewshot,
     _add_visualize,
     _add_invariance,
+    _add_compare,
     _add_predict,
     _add_embed,
     _add_export,
