@@ -255,6 +255,35 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_compare)
 
 
+def _run_spectrum(args: argparse.Namespace) -> None:
+    from .tools.spectrum import spectrum_command
+
+    for path in spectrum_command(args.weights, args.out, args.model, args.cutoff):
+        print(f"wrote {path}")
+
+
+def _add_spectrum(sub: argparse._SubParsersAction) -> None:
+    from .tools.spectrum import DEFAULT_CUTOFF
+
+    p = sub.add_parser(
+        "spectrum",
+        help="spatial-frequency spectrum and extent of each Mixer block's token-mixing units, per checkpoint",
+        description="For each weight file: the mean radial power spectrum of every block's token-mixing units (rows "
+        "of W1 on the patch grid), and per block the share of each unit's energy at low spatial frequencies and "
+        "its spatial extent. Writes LABEL_spectrum.png and LABEL_spectrum.json to --out.",
+    )
+    p.add_argument("weights", nargs="+", help="Mixer weight files (checkpoints) of any supported format")
+    p.add_argument("--out", required=True, help="folder for the plots and numbers")
+    p.add_argument("--model", help="registered model name, for weight files that do not carry their config")
+    p.add_argument(
+        "--cutoff",
+        type=float,
+        default=DEFAULT_CUTOFF,
+        help=f"low-frequency limit in cycles per patch (default {DEFAULT_CUTOFF}: periods of 4 patches or more)",
+    )
+    p.set_defaults(run=_run_spectrum)
+
+
 def _run_predict(args: argparse.Namespace) -> int:
     from .tools.predict import predict, print_predictions
 
@@ -499,6 +528,7 @@ COMMANDS = [
     _add_visualize,
     _add_invariance,
     _add_compare,
+    _add_spectrum,
     _add_predict,
     _add_embed,
     _add_export,
