@@ -143,6 +143,8 @@ def test_compare_a_mixer_with_itself_and_with_a_resnet(tmp_path, monkeypatch):
 
     monkeypatch.setattr("allmlp.evaluate.compare._batch_grams", no_forward)
     assert main(args) == 0
+    with pytest.raises(AssertionError, match="from the cache"):  # other images (another order): no stale hit
+        main([*args, "--seed", "1"])
     assert json.loads((out / "cka.json").read_text())["cka"] == saved["cka"]
 
 

@@ -9,8 +9,8 @@ et al. 2019 and Raghu et al. 2021.
 
 The images (an ImageFolder tree, searched recursively, or the bundled demo digits) are put in one fixed random
 order and split into CKA batches; each model's per-layer Gram matrices of every batch are what is computed and
-cached (`~/.cache/allmlp/compare`, one file per model, weights, data, preprocessing, layers and batching), so
-comparing one model with several others runs it once. See `cka.py` for the estimators.
+cached (`~/.cache/allmlp/compare`, a folder per model, weights, data, preprocessing, layers and batching, a
+file per batch), so comparing one model with several others runs it once. See `cka.py` for the estimators.
 """
 
 from __future__ import annotations
@@ -174,6 +174,7 @@ class ImageSet:
 
     name: str  # the data identity in cache keys
     items: list  # str paths or (C, H, W) uint8 tensors
+    ids: list[str]  # what each item is (for cache keys): path, size and mtime, or its position in the demo split
 
     def load(self, index: int, in_chans: int):
         item = self.items[index]
@@ -187,52 +188,60 @@ def image_set(data: str | os.PathLike, max_images: int | None = None, seed: int 
 
         images = load_demo(train=False).images
         items, name = list(images), "demo/val"
+        ids = [f"demo/val[{i}]" for i in range(len(items))]
     else:
         from ..tools.inference import find_images
 
         if not Path(data).is_dir():
             raise ValueError(f"--data must be an image folder or 'demo', got {data}")
         items = [str(p) for p in find_images([data])]
+        stats = [Path(p).stat() for p in items]
+        ids = [f"{p}|{st.st_size}|{st.st_mtime_ns}" for p, st in zip(items, stats, strict=True)]
         name = str(Path(data).resolve())
     order = np.random.default_rng(seed).permutation(len(items))
     if max_images is not None:
         if max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {max_images}")
         order = order[:max_images]
-    return ImageSet(name, [items[i] for i in order])
+    return ImageSet(name, [items[i] for i in order], [ids[i] for i in order])
 
 
 class GramCache:
-    """One model's per-layer Gram matrices of every CKA batch, in one safetensors file (None: not kept)."""
+    """One model's per-layer Gram matrices, one safetensors file per CKA batch in a folder (None: not kept), so
+    that memory stays bounded by one batch and an interrupted run keeps the batches it finished."""
 
-    def __init__(self, path: Path | None):
-        self.path, self.grams = path, {}
-        if path is None or not path.is_file():
-            return
-        try:
-            with safe_open(path, framework="pt") as f:
-                self.grams = {key: f.get_tensor(key) for key in f.keys()}
-        except (SafetensorError, OSError) as err:
-            print(f"allmlp compare: ignoring unreadable cache {path} ({err})", file=sys.stderr)
+    def __init__(self, folder: Path | None):
+        self.folder = folder
 
     def get(self, batch: int, count: int) -> list[torch.Tensor] | None:
-        found = [self.grams.get(f"batch{batch}.layer{i}") for i in range(count)]
-        return None if any(k is None for k in found) else found
+        path = self.folder / f"batch{batch}.safetensors" if self.folder is not None else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            with safe_open(path, framework="pt") as f:
+                return [f.get_tensor(f"layer{i}") for i in range(count)]
+        except (SafetensorError, OSError) as err:
+            print(f"allmlp compare: ignoring unreadable cache file {path} ({err})", file=sys.stderr)
+            return None
 
     def put(self, batch: int, grams: list[torch.Tensor]) -> None:
-        self.grams.update({f"batch{batch}.layer{i}": k for i, k in enumerate(grams)})
-        if self.path is not None:
-            write_safetensors(self.grams, self.path, {"format": "pt"})
+        if self.folder is not None:
+            tensors = {f"layer{i}": k for i, k in enumerate(grams)}
+            write_safetensors(tensors, self.folder / f"batch{batch}.safetensors", {"format": "pt"})
 
 
 def _cache_for(model: LayeredModel, images: ImageSet, slices: list[slice], cache_dir) -> GramCache:
     if cache_dir is None:
         return GramCache(None)
-    items = [item if isinstance(item, str) else f"#{i}" for i, item in enumerate(images.items)]
-    identity = {**model.identity, "data": images.name, "items": items, "batches": [[s.start, s.stop] for s in slices]}
+    identity = {
+        **model.identity,
+        "data": images.name,
+        "items": images.ids,
+        "batches": [[s.start, s.stop] for s in slices],
+    }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
     safe_spec = "".join(c if c.isalnum() or c in "-_" else "_" for c in model.spec)
-    return GramCache(Path(cache_dir) / f"{safe_spec}-{key}.safetensors")
+    return GramCache(Path(cache_dir) / f"{safe_spec}-{key}")
 
 
 @torch.no_grad()
