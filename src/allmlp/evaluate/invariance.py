@@ -44,7 +44,7 @@ PATCH = 4  # the demo Mixer's patch size: the patch permutation moves whole Mixe
 class InvarianceSettings:
     """Training length and learning rate per model; `steps` (if set) replaces epochs, for quick checks."""
 
-    mixer_epochs: float = 20.0
+    mixer_epochs: float = 10.0
     resnet_epochs: float = 1.0
     mixer_lr: float = 1e-2  # the demo recipe's
     resnet_lr: float = 2e-3
