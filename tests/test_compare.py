@@ -15,7 +15,7 @@ import allmlp
 from allmlp.cli import main
 from allmlp.evaluate import cka
 from allmlp.evaluate.compare import block_stacks, compare, image_set, load_layered
-from allmlp.tools.foreign import small_image_resnet, split_spec
+from allmlp.tools.foreign import load_foreign, small_image_resnet, split_spec
 from allmlp.weights.files import write_safetensors
 
 
@@ -160,6 +160,15 @@ def test_image_folder_data_and_a_timm_vit(tmp_path):
     mixer = load_layered("mixer_s16_224", tiny_mixer_file(tmp_path), img_size=28)
     report = compare(vit, mixer, images, cka_batch=None, unbiased=False, progress=False)
     assert report["a"]["layers"] == ["blocks.0", "blocks.11"] and np.array(report["cka"]).shape == (2, 3)
+    # timm weights load back at the size and head they were saved with
+    torch.manual_seed(0)
+    small = load_foreign("timm:vit_tiny_patch16_224", None, img_size=32)
+    small.reset_classifier(7)
+    write_safetensors(small.state_dict(), tmp_path / "vit.safetensors", {"format": "pt"})
+    again = load_foreign("timm:vit_tiny_patch16_224", tmp_path / "vit.safetensors", img_size=32)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), small.eval()(x))
 
 
 def test_model_and_layer_errors(tmp_path):

@@ -65,16 +65,19 @@ def load_foreign(spec: str, weights: str | os.PathLike | None, img_size: int | N
             import timm
         except ImportError as err:
             raise ValueError(f"model {spec!r} needs timm, which is not installed (pip install timm)") from err
-        options = {} if img_size is None or name.startswith(("resnet", "convnext")) else {"img_size": img_size}
+        from timm.models import get_pretrained_cfg
+
+        options = {}
         if state is not None:
             head = [v for k, v in state.items() if k.endswith(("head.weight", "fc.weight", "classifier.weight"))]
-            options = {"num_classes": head[-1].shape[0]} if head else {"num_classes": 0}
+            options["num_classes"] = head[-1].shape[0] if head else 0
+        default = get_pretrained_cfg(name)
+        if img_size is not None and default is not None and default.fixed_input_size:
+            options["img_size"] = img_size  # e.g. a ViT's position embeddings are made for one size
         try:
             model = timm.create_model(name, pretrained=False, **options)
         except RuntimeError as err:  # timm's "Unknown model"
             raise ValueError(f"model {spec!r}: {err}") from err
-        except TypeError as err:  # a model without a fixed input size takes no img_size
-            raise ValueError(f"model {spec!r} cannot be built for img_size {img_size}: {err}") from err
     else:
         import torchvision
 
