@@ -84,7 +84,9 @@ def load_layered(
     img_size: int | None = None,
     device: str = "cpu",
 ) -> LayeredModel:
-    """The model named by `spec` with its chosen layers and the preprocessing its weights expect.
+    """The model named by `spec` with its chosen layers and its input transform: the whole image resized to the
+    input size (no crop, so that both models of a comparison see the same content), normalised as its weights
+    expect (allmlp: the registry entry's; timm: its pretrained_cfg; torchvision: ImageNet mean and std).
 
     img_size: the input size (default: the allmlp or timm model's own; 224 for torchvision models).
     """
@@ -101,15 +103,15 @@ def load_layered(
         )
         size = img_size or config["input_size"][-1]
         in_chans = config["input_size"][0]
-        count = len(model.feature_info) if hasattr(model, "feature_info") else None
-        names = [info["module"] for info in model.feature_info] if count else None
+        info = getattr(model, "feature_info", None)
+        names = [entry["module"] for entry in info] if info else None
     else:
         from ..models.registry import create_model, get_entry
         from ..tools.inference import input_size, load_model
 
         model = load_model(weights, name) if weights is not None else create_model(name).eval()
         preprocessing = get_entry(name).preprocessing
-        size = img_size or input_size(model)[0]
+        size = img_size or input_size(model)
         in_chans = model.config.get("in_chans", 3)
         names = [info["module"] for info in model.feature_info]
     model = model.to(device).eval()
