@@ -48,6 +48,12 @@ def test_a_constructed_weight_matrix_has_the_spectrum_it_was_built_with():
     assert sum(stats["radial_energy"]) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("grid", [(7, 7), (8, 8), (4, 6), (14, 14)])
+def test_every_radial_bin_holds_a_frequency_of_the_grid(grid):
+    which = np.digitize(spectrum.frequency_radii(grid), spectrum.radial_bins(grid)) - 1
+    assert set(which.flatten().tolist()) == set(range(len(spectrum.radial_bins(grid)) - 1))
+
+
 def tiny_mixer(num_blocks: int = 2) -> allmlp.MlpMixer:
     torch.manual_seed(0)
     return allmlp.MlpMixer(
@@ -64,7 +70,10 @@ def test_the_spectrum_reads_each_blocks_token_mixing_w1():
     report = spectrum.mixer_spectrum(model)
     assert report["grid"] == [8, 8] and len(report["blocks"]) == 2
     assert report["blocks"][1]["low_frequency_fraction"] == pytest.approx([1.0] * 6)
-    assert np.mean(report["blocks"][0]["low_frequency_fraction"]) < 0.5  # random init: white noise
+    # random init is white noise: its shares follow the number of DFT coefficients per bin
+    assert report["white_noise_low_frequency_fraction"] == pytest.approx(13 / 64)
+    assert np.mean(report["blocks"][0]["low_frequency_fraction"]) == pytest.approx(13 / 64, abs=0.1)
+    assert sum(report["white_noise"]) == pytest.approx(1.0)
 
 
 def test_the_command_writes_a_plot_per_checkpoint(tmp_path):

@@ -34,9 +34,10 @@ def frequency_radii(grid: tuple[int, int]) -> np.ndarray:
 
 
 def radial_bins(grid: tuple[int, int]) -> np.ndarray:
-    """Bin edges over the radius: one bin per frequency step of the larger grid side, up to the corner."""
+    """Bin edges over the radius: bins one frequency step of the larger grid side wide, centred on its multiples,
+    up to the largest radius the grid has."""
     step = 1.0 / max(grid)
-    count = math.ceil(math.sqrt(0.5) / step - 1e-9) + 1
+    count = math.floor(frequency_radii(grid).max() / step + 0.5) + 1
     return (np.arange(count + 1) - 0.5) * step
 
 
@@ -79,10 +80,14 @@ def mixer_spectrum(model: MlpMixer, cutoff: float = DEFAULT_CUTOFF) -> dict:
         block_spectrum(block.mlp_tokens.fc1.weight.detach().float().cpu().numpy(), grid, cutoff)
         for block in model.blocks
     ]
+    which = np.digitize(frequency_radii(grid), edges) - 1
     return {
         "grid": list(grid),
         "cutoff": cutoff,
         "frequencies": ((edges[:-1] + edges[1:]) / 2).tolist(),
+        # what units of independent random weights (a fresh initialisation) would show: a share per coefficient
+        "white_noise": (np.bincount(which.flatten(), minlength=len(edges) - 1) / which.size).tolist(),
+        "white_noise_low_frequency_fraction": float((frequency_radii(grid) <= cutoff + 1e-12).mean()),
         "blocks": blocks,
     }
 
@@ -100,11 +105,19 @@ def draw_spectrum(report: dict, out: str | os.PathLike, title: str = "") -> Path
     figure, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.2))
     for i, (block, color) in enumerate(zip(blocks, colors, strict=True)):
         left.plot(report["frequencies"], block["radial_energy"], color=color, marker="o", markersize=2.5, label=str(i))
+    left.plot(report["frequencies"], report["white_noise"], color="grey", linestyle="--", label="white noise")
     left.axvline(report["cutoff"], color="grey", linestyle=":", linewidth=1)
     left.set_xlabel("spatial frequency (cycles per patch)")
     left.set_ylabel("share of a unit's energy")
     left.set_title("token-mixing spectrum by block", fontsize=9)
     left.legend(title="block", fontsize=6, title_fontsize=7, ncol=2)
+    right.axhline(
+        report["white_noise_low_frequency_fraction"],
+        color="#4c72b0",
+        linestyle="--",
+        linewidth=1,
+        label="white noise, energy at low frequencies",
+    )
     positions = np.arange(len(blocks))
     for key, label, color in (
         ("low_frequency_fraction", f"energy at <= {report['cutoff']:g} cycles/patch", "#4c72b0"),
