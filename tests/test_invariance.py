@@ -182,3 +182,11 @@ def test_the_experiment_writes_six_runs_a_table_and_a_chart(tmp_path):
     assert table[2].startswith(f"| mixer | {100 * rows[0]['top1']:.2f}% | {100 * rows[1]['top1']:.2f}% |")
     assert (tmp_path / "invariance.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "mixer_pixels.safetensors").is_file() and (tmp_path / "cnn_original.safetensors").is_file()
+
+
+def test_the_command_line_runs_the_experiment(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(invariance, "MODELS", {"mixer": _tiny_mixer, "cnn": _TinyCnn})
+    assert main(["invariance", "--out", str(tmp_path), "--steps", "1", "--threads", "1", "--mixer-lr", "0.5"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert len(rows) == 6 and {r["lr"] for r in rows} == {0.5, invariance.InvarianceSettings().resnet_lr}
+    assert "| mixer |" in capsys.readouterr().out
