@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -171,7 +172,7 @@ def test_image_folder_data_and_a_timm_vit(tmp_path):
         torch.testing.assert_close(again(x), small.eval()(x))
 
 
-def test_model_and_layer_errors(tmp_path):
+def test_model_and_layer_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"expected a registered allmlp name or one of torchvision:NAME, timm:NAME"):
         split_spec("keras:resnet")
     with pytest.raises(ValueError, match="torchvision has no model 'resnet999'"):
@@ -185,6 +186,9 @@ def test_model_and_layer_errors(tmp_path):
         load_layered("torchvision:resnet18", layers=["layer9"])
     with pytest.raises(ValueError, match="--data must be an image folder or 'demo'"):
         image_set(tmp_path / "missing")
+    monkeypatch.setitem(sys.modules, "timm", None)  # timm is optional: without it, a timm: model says so
+    with pytest.raises(ValueError, match=r"model 'timm:vit_tiny_patch16_224' needs timm, which is not installed"):
+        load_layered("timm:vit_tiny_patch16_224")
 
 
 def test_block_stacks_of_torchvision_models():
