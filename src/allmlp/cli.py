@@ -214,6 +214,129 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_visualize)
 
 
+# ---------------------------------------------------------------- studying what models learn (issue 17)
+
+
+def _run_invariance(args: argparse.Namespace) -> None:
+    from .evaluate.invariance import InvarianceSettings, markdown_table, run_invariance
+
+    settings = InvarianceSettings(
+        mixer_epochs=args.mixer_epochs,
+        resnet_epochs=args.resnet_epochs,
+        mixer_lr=args.mixer_lr,
+        resnet_lr=args.resnet_lr,
+        seed=args.seed,
+        permute_seed=args.permute_seed,
+        threads=args.threads,
+        steps=args.steps,
+    )
+    rows = run_invariance(args.out, settings, save_models=args.save_models)
+    print(markdown_table(rows))
+    print(f"wrote {args.out}/results.json, results.csv, results.md, invariance.png")
+
+
+def _add_invariance(sub: argparse._SubParsersAction) -> None:
+    from .evaluate.invariance import InvarianceSettings
+
+    defaults = InvarianceSettings()
+    p = sub.add_parser(
+        "invariance",
+        help="the MLP-Mixer paper's invariance experiment: Mixer and ResNet-18 on permuted MNIST digits",
+        description="Trains the demo Mixer and a small-image torchvision ResNet-18 on the bundled MNIST digits, "
+        "original, with patches (and the pixels inside them) shuffled by one fixed permutation, and with all "
+        "pixels shuffled by one fixed permutation (data.permute); writes the held-out top-1 of the six runs as "
+        "results.json/.csv/.md and a bar chart invariance.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", required=True, help="folder for the results")
+    p.add_argument("--mixer-epochs", type=float, default=defaults.mixer_epochs, help="epochs per Mixer run")
+    p.add_argument("--resnet-epochs", type=float, default=defaults.resnet_epochs, help="epochs per ResNet run")
+    p.add_argument("--mixer-lr", type=float, default=defaults.mixer_lr, help="peak AdamW learning rate of the Mixer")
+    p.add_argument("--resnet-lr", type=float, default=defaults.resnet_lr, help="peak AdamW learning rate of the ResNet")
+    p.add_argument("--steps", type=int, help="optimizer steps per run instead of epochs; for a quick check")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="initialisation and data order")
+    p.add_argument("--permute-seed", type=int, default=defaults.permute_seed, help="seed of the fixed permutations")
+    p.add_argument("--threads", type=int, help="torch threads (None: torch's choice)")
+    p.add_argument("--save-models", action="store_true", help="also write each trained model as a .safetensors file")
+    p.set_defaults(run=_run_invariance)
+
+
+def _run_compare(args: argparse.Namespace) -> None:
+    from .evaluate.compare import compare, default_cache_dir, image_set, load_layered, save_comparison
+    from .tools.inference import resolve_device
+
+    device = resolve_device(args.device)
+    model_a = load_layered(args.a, args.weights_a, args.layers_a, args.img_size_a, device)
+    model_b = load_layered(args.b, args.weights_b, args.layers_b, args.img_size_b, device)
+    images = image_set(args.data, args.max_images, args.seed)
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    cka_batch = args.cka_batch or None
+    report = compare(model_a, model_b, images, cka_batch, not args.biased, args.batch_size, device, cache_dir)
+    for path in save_comparison(report, args.out):
+        print(f"wrote {path}")
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="layer-by-layer linear CKA between two models (allmlp, timm:NAME, torchvision:NAME) on a set of images",
+        description="Linear CKA between every chosen layer of model A and of model B on the same images: "
+        "Nguyen et al.'s minibatch estimator with unbiased HSIC (default, bounded memory), or the full estimate "
+        "(--cka-batch 0). Writes cka.json, cka.csv and the heatmap cka.png to --out; Gram matrices are cached.",
+    )
+    for side in ("a", "b"):
+        p.add_argument(
+            f"--{side}", required=True, help=f"model {side.upper()}: allmlp name, timm:NAME, torchvision:NAME"
+        )
+        p.add_argument(f"--weights-{side}", help="weight file (allmlp: any supported format; others: a state dict)")
+        p.add_argument(
+            f"--layers-{side}",
+            nargs="+",
+            help="forward_intermediates indices (allmlp, timm) or graph node names (torchvision); default: all blocks",
+        )
+        p.add_argument(f"--img-size-{side}", type=int, help="input size (default: the model's; torchvision 224)")
+    p.add_argument("--data", required=True, help="image folder (searched recursively) or 'demo' (bundled digits)")
+    p.add_argument("--out", required=True, help="folder for cka.json, cka.csv, cka.png")
+    p.add_argument("--max-images", type=int, help="use this many images of the shuffled set (default: all)")
+    p.add_argument("--cka-batch", type=int, default=256, help="images per CKA minibatch; 0: all at once (full CKA)")
+    p.add_argument("--biased", action="store_true", help="plain HSIC (Kornblith et al. 2019) instead of unbiased")
+    p.add_argument("--seed", type=int, default=0, help="order of the images, hence the minibatches (default 0)")
+    p.add_argument("--cache-dir", help="Gram matrix cache (default ~/.cache/allmlp/compare)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write cached Gram matrices")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    p.set_defaults(run=_run_compare)
+
+
+def _run_spectrum(args: argparse.Namespace) -> None:
+    from .tools.spectrum import spectrum_command
+
+    for path in spectrum_command(args.weights, args.out, args.model, args.cutoff):
+        print(f"wrote {path}")
+
+
+def _add_spectrum(sub: argparse._SubParsersAction) -> None:
+    from .tools.spectrum import DEFAULT_CUTOFF
+
+    p = sub.add_parser(
+        "spectrum",
+        help="spatial-frequency spectrum and extent of each Mixer block's token-mixing units, per checkpoint",
+        description="For each weight file: the mean radial power spectrum of every block's token-mixing units (rows "
+        "of W1 on the patch grid), and per block the share of each unit's energy at low spatial frequencies and "
+        "its spatial extent. Writes LABEL_spectrum.png and LABEL_spectrum.json to --out.",
+    )
+    p.add_argument("weights", nargs="+", help="Mixer weight files (checkpoints) of any supported format")
+    p.add_argument("--out", required=True, help="folder for the plots and numbers")
+    p.add_argument("--model", help="registered model name, for weight files that do not carry their config")
+    p.add_argument(
+        "--cutoff",
+        type=float,
+        default=DEFAULT_CUTOFF,
+        help=f"low-frequency limit in cycles per patch (default {DEFAULT_CUTOFF}: periods of 4 patches or more)",
+    )
+    p.set_defaults(run=_run_spectrum)
+
+
 def _run_predict(args: argparse.Namespace) -> int:
     from .tools.predict import predict, print_predictions
 
@@ -484,6 +607,9 @@ COMMANDS = [
     _add_convert,
     _add_fewshot,
     _add_visualize,
+    _add_invariance,
+    _add_compare,
+    _add_spectrum,
     _add_predict,
     _add_embed,
     _add_export,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .permute import PERMUTE_KINDS
 from .transforms import EVAL_PRESETS
 
 KINDS = ("demo", "imagefolder", "cifar10", "cifar100", "webdataset")
@@ -45,6 +46,9 @@ class DataConfig:
     eval_preset: str = _doc("resize", "eval: resize | resize_crop | resmall_crop")
     crop_pct: float | None = _doc(None, "eval: crop fraction of the crop presets (null: the model's, or 0.875)")
     max_bad_fraction: float = _doc(0.01, "stop when more than this fraction of images is unreadable")
+    permute: str | None = _doc(None, "train and eval: null | patches | pixels, one fixed shuffle of every image")
+    permute_seed: int = _doc(0, "seed of the fixed permutation (independent of train.seed)")
+    permute_patch: int | None = _doc(None, "permute=patches: the patch size (a Mixer's patch_size)")
 
     def __post_init__(self) -> None:
         _choice(self, "kind", KINDS)
@@ -64,6 +68,12 @@ class DataConfig:
         _int(self, "shuffle_buffer", 1)
         _int(self, "num_classes", 1, optional=True)
         _int(self, "train_samples", 1, optional=True)
+        if self.permute is not None and self.permute not in PERMUTE_KINDS:
+            _fail("permute", f"null or one of {', '.join(PERMUTE_KINDS)}", self.permute)
+        _int(self, "permute_seed", 0)
+        _int(self, "permute_patch", 1, optional=True)
+        if self.permute == "patches" and self.permute_patch is None:
+            _fail("permute_patch", "the patch size (an integer >= 1) when data.permute=patches", None)
         for name in ("random_erasing", "mix_prob", "max_bad_fraction"):
             _number(self, name, 0.0, 1.0)
         for name in ("mixup_alpha", "cutmix_alpha"):

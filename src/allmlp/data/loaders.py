@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torchvision.transforms import v2 as T
 
 from ..models.registry import Preprocessing
 from .augment import BatchAugment, MixUpCutMix
@@ -34,6 +35,7 @@ from .datasets import (
     load_demo,
     scan_image_folder,
 )
+from .permute import FixedPermutation
 from .sampling import (
     BATCH_AUGMENT,
     SAMPLE_AUGMENT,
@@ -136,9 +138,9 @@ class TensorTrainStream(TrainStream):
     ranks from one generator and each rank takes its rows, so W ranks see what one process with W times the batch
     would see."""
 
-    def __init__(self, data: TensorImages, augment: BatchAugment, **kwargs):
+    def __init__(self, data: TensorImages, augment: BatchAugment, permutation: FixedPermutation | None, **kwargs):
         super().__init__(**kwargs)
-        self.data, self.augment = data, augment
+        self.data, self.augment, self.permutation = data, augment, permutation
 
     def __len__(self) -> int:
         return batches_per_epoch(len(self.data), self.batch_size, self.world_size)
@@ -150,6 +152,8 @@ class TensorTrainStream(TrainStream):
             params = self.augment.sample(global_batch, generator(self.seed, BATCH_AUGMENT, epoch, j))
             indices = order[j * global_batch : (j + 1) * global_batch][mine]
             images = self.augment(self.data.images[indices], {k: v[mine] for k, v in params.items()})
+            if self.permutation is not None:
+                images = self.permutation(images)
             yield images, self.data.targets[indices]
 
 
@@ -350,7 +354,8 @@ def build_loaders(
                 shift_pixels=cfg.shift_pixels,
                 hflip=cfg.hflip,
             )
-            train = TensorTrainStream(source.to(device), augment, skip_log=log, **common)
+            permutation = _permutation(cfg, img_size)
+            train = TensorTrainStream(source.to(device), augment, permutation, skip_log=log, **common)
         else:
             dataset = SampleDataset(source, _train_transform(cfg, img_size, in_chans, preprocessing))
             train = SampleTrainStream(dataset, cfg.num_workers, skip_log=log, **common)
@@ -377,8 +382,23 @@ def build_loaders(
     return Loaders(train, val, len(class_names), class_names, mix)
 
 
+def _permutation(cfg: DataConfig, img_size) -> FixedPermutation | None:
+    """data.permute's fixed shuffle of the model's input, or None: built from the config alone, so the train and
+    eval pipelines (and every rank) get the same one."""
+    if cfg.permute is None:
+        return None
+    try:
+        return FixedPermutation(cfg.permute, img_size, cfg.permute_seed, cfg.permute_patch)
+    except ValueError as err:
+        raise ValueError(f"data.permute={cfg.permute}: {err}") from err
+
+
+def _then_permuted(transform: Callable, permutation: FixedPermutation | None) -> Callable:
+    return transform if permutation is None else T.Compose([transform, permutation])
+
+
 def _train_transform(cfg: DataConfig, img_size, in_chans: int, preprocessing: Preprocessing):
-    return build_train_transform(
+    transform = build_train_transform(
         preprocessing,
         img_size,
         in_chans=in_chans,
@@ -390,6 +410,7 @@ def _train_transform(cfg: DataConfig, img_size, in_chans: int, preprocessing: Pr
         randaugment_magnitude=cfg.randaugment_magnitude,
         random_erasing=cfg.random_erasing,
     )
+    return _then_permuted(transform, _permutation(cfg, img_size))
 
 
 def _shard_train_factory(cfg, shards, img_size, in_chans, preprocessing, num_classes, common) -> Callable:
@@ -430,7 +451,10 @@ def build_eval_loader(
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     _check_run(in_chans, batch_size, batch_size, rank, world_size)
-    transform = build_eval_transform(preprocessing, img_size, cfg.eval_preset, cfg.crop_pct, in_chans)
+    transform = _then_permuted(
+        build_eval_transform(preprocessing, img_size, cfg.eval_preset, cfg.crop_pct, in_chans),
+        _permutation(cfg, img_size),
+    )
     if cfg.kind == "webdataset":
         field = "train_shards" if split == "train" else "val_shards"
         shards = _shards(cfg, field)

@@ -1,1 +1,1 @@
-"""Evaluation: metrics and the linear few-shot probe."""
+"""Evaluation: metrics, the linear few-shot probe, representation similarity (CKA) and the invariance experiment."""
