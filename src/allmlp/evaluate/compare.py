@@ -36,6 +36,7 @@ from ..data.transforms import build_eval_transform
 from ..models.registry import Preprocessing
 from ..tools.foreign import load_foreign, split_spec
 from ..weights.files import write_safetensors
+from ..weights.hub import cache_dir
 from .cka import CKAAccumulator, batch_slices, gram
 
 DEMO = "demo"  # --data demo: the bundled MNIST digits' 1,000 held-out images
@@ -43,7 +44,8 @@ IMAGENET = Preprocessing((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "allmlp" / "compare"
+    """`compare/` in allmlp's cache folder (`$ALLMLP_HOME`, else `$XDG_CACHE_HOME/allmlp`, else `~/.cache/allmlp`)."""
+    return cache_dir() / "compare"
 
 
 @dataclass

@@ -31,6 +31,7 @@ from torchvision.datasets import ImageFolder
 from ..atomic import write_bytes_atomic
 from ..tools.inference import entry_name, eval_transform, forward_images, load_model, resolve_device
 from ..weights.files import write_safetensors
+from ..weights.hub import cache_dir
 
 L2_GRID = tuple(2.0**i for i in range(-10, 20))
 # With one shot per class nothing can be held out: a left-out image has no other example of its class, and the
@@ -156,7 +157,8 @@ def draw_shots(labels: Sequence[int], num_classes: int, shots: int, seed: int) -
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "allmlp" / "fewshot"
+    """`fewshot/` in allmlp's cache folder (`$ALLMLP_HOME`, else `$XDG_CACHE_HOME/allmlp`, else `~/.cache/allmlp`)."""
+    return cache_dir() / "fewshot"
 
 
 class FeatureCache:
