@@ -211,3 +211,12 @@ def test_a_training_mode_model_gives_the_eval_function():
     with torch.no_grad():
         expected = copy.deepcopy(model).eval()(x)
     assert_same(fast(x), expected)
+
+
+def test_computes_in_the_models_dtype_under_autocast():
+    model, x = build("mixer")
+    with torch.no_grad():
+        expected = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = allmlp.optimize_for_inference(model)(x)
+    assert_same(got, expected)

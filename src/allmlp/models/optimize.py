@@ -14,7 +14,8 @@ model's current weights:
   PyTorch without the op, take portable ops that compute the same.
 - CycleMLP folds split attention into the projection on large token grids (see `fold_cycle_mixer`).
 
-The result is for inference only: eval mode, parameters frozen, `forward` runs under `torch.no_grad()`.
+The result is for inference only: eval mode, parameters frozen, `forward` runs under `torch.no_grad()` and in the
+model's dtype, with autocast off (`model.to(torch.bfloat16)` before optimizing is the bfloat16 path).
 """
 
 from __future__ import annotations
@@ -43,14 +44,13 @@ FOLD_MIN_TOKENS_PER_CHANNEL = 4
 
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether oneDNN's fused linear may run: CPU, float32 or bfloat16 activations and weights of one dtype,
-    outside autocast and torch.compile (which has its own fusions)."""
+    outside torch.compile (which has its own fusions)."""
     return (
         ONEDNN_LINEAR
         and torch.backends.mkldnn.enabled
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and weight.dtype == x.dtype
-        and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
     )
 
@@ -222,7 +222,7 @@ class TokenMajorEmbed(nn.Module):
 
 class InferenceModel(nn.Module):
     """What `optimize_for_inference` returns: `forward(x)` gives the model's output (logits, or CycleMLP's
-    fork_feat maps) and `forward_features(x)` its features, both under `torch.no_grad()`.
+    fork_feat maps) and `forward_features(x)` its features, both under `torch.no_grad()` with autocast off.
 
     `layers` run in order on the tokens (token-major (S, B, C) for Mixer, (B, H, W, C) otherwise); `stage_norms`
     (CycleMLP fork_feat) maps a layer index to the norm whose NCHW output is a feature map.
@@ -253,19 +253,19 @@ class InferenceModel(nn.Module):
                 maps.append(self.stage_norms[str(i)](x).permute(0, 3, 1, 2).contiguous())
         return maps if self.stage_norms else self.norm(x)
 
-    @torch.no_grad()
     def forward_features(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        tokens = self._tokens(x)
-        return tokens.transpose(0, 1).contiguous() if self.token_major and not self.stage_norms else tokens
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            tokens = self._tokens(x)
+            return tokens.transpose(0, 1).contiguous() if self.token_major and not self.stage_norms else tokens
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        tokens = self._tokens(x)
-        if self.stage_norms:
-            return tokens
-        if self.global_pool == "avg":
-            return self.head(tokens.mean(0 if self.token_major else (1, 2)))
-        return self.head(tokens.transpose(0, 1) if self.token_major else tokens)
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            tokens = self._tokens(x)
+            if self.stage_norms:
+                return tokens
+            if self.global_pool == "avg":
+                return self.head(tokens.mean(0 if self.token_major else (1, 2)))
+            return self.head(tokens.transpose(0, 1) if self.token_major else tokens)
 
 
 def qualified_name(cls: type) -> str:
@@ -329,6 +329,7 @@ def optimize_for_inference(model: nn.Module) -> InferenceModel:
 
     The result is in eval mode whatever mode `model` is in, its parameters are frozen and its `forward` and
     `forward_features` run under `torch.no_grad()`: it is for inference only (train the model, then optimize).
+    It computes in the model's dtype with autocast off: `model.to(torch.bfloat16)` first for bfloat16.
     Refuses (TypeError / ValueError naming the module) a model with hooks, parametrisations or modules other than
     those its family builds, since the fused module would compute the plain layers and not what those change.
     """
