@@ -21,6 +21,8 @@ MODELS = {
     "mixer_tokens": (lambda: allmlp.MlpMixer(img_size=(16, 24), patch_size=8, hidden_dim=16, num_blocks=1,
                                              tokens_mlp_dim=6, channels_mlp_dim=20, num_classes=5, global_pool="",
                                              gelu="erf"), (2, 3, 16, 24)),
+    "mixer_no_head": (lambda: allmlp.MlpMixer(img_size=16, patch_size=8, hidden_dim=8, num_blocks=1, tokens_mlp_dim=4,
+                                              channels_mlp_dim=12, num_classes=0, global_pool=""), (2, 3, 16, 16)),
     "vip": (lambda: allmlp.VisionPermutator(layers=[1, 2], img_size=28, patch_size=7, embed_dims=[16, 32],
                                             transitions=[True], segment_dim=[4, 2], mlp_ratios=[2, 3], num_classes=5,
                                             skip_lam=3.0, qkv_bias=True), (2, 3, 28, 28)),

@@ -272,7 +272,7 @@ class InferenceModel(nn.Module):
                 return tokens
             if self.global_pool == "avg":
                 return self.head(tokens.mean(0 if self.token_major else (1, 2)))
-            return self.head(tokens.transpose(0, 1) if self.token_major else tokens)
+            return self.head(tokens.transpose(0, 1).contiguous() if self.token_major else tokens)
 
 
 def qualified_name(cls: type) -> str:
