@@ -155,7 +155,9 @@ class FusedTokenMixer(nn.Module):
         return self.proj(self.mixer(x), residual)
 
 
-def fold_cycle_mixer(mixer: CycleTokenMixer, proj: FusedLinear, x: torch.Tensor, residual: torch.Tensor):
+def fold_cycle_mixer(
+    mixer: CycleTokenMixer, proj: FusedLinear, x: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
     """CycleMLP's token mixer plus `residual`, with split attention folded into the projection.
 
     Everything after the shifts is linear in the branches' inputs but for the per-(image, channel) split
