@@ -1,5 +1,8 @@
 """CycleMLP-B1 and ViP-S/7 inference: allmlp against the authors' formulation, in one process, interleaved.
 
+allmlp runs three ways: the plain model (eager), `allmlp.optimize_for_inference(model)` ("optimized") and
+`torch.compile` with inductor freezing ("compiled"; `--no-compile` skips it, compiling takes minutes on 2 cores).
+
 The authors' formulation is written out below as their code computes it (cycle_mlp.py of ShoufaChen/CycleMLP:
 Cycle FC by torchvision's deform_conv2d on NCHW tokens; models/vip.py of houqb/VisionPermutator: the
 permute/reshape Weighted Permute-MLP) and gets the same weights as allmlp, so the logits must agree.
@@ -16,6 +19,7 @@ import statistics
 import time
 
 import torch
+import torch._inductor.config as inductor_config
 from torch import nn
 from torchvision.ops import deform_conv2d
 
@@ -134,11 +138,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=10, help="interleaved timed rounds (median reported)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip allmlp compiled")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    runs = {}  # (model, implementation, dtype) -> module
+    runs = {}  # (model, implementation, dtype) -> module or compiled function
     for name, cyclic in (("cyclemlp_b1", True), ("vip_s7", False)):
         ours = allmlp.create_model(name).eval()
         with torch.no_grad():
@@ -151,39 +156,43 @@ def main() -> None:
             difference = (ours(x) - authors(x)).abs().max().item()
         print(f"{name}: max |logit difference| allmlp vs the authors' formulation (float32): {difference:.2e}")
         for dtype in (torch.float32, torch.bfloat16):
-            runs[(name, "allmlp", dtype)] = copy.deepcopy(ours).to(dtype)
+            plain = copy.deepcopy(ours).to(dtype)
+            runs[(name, "allmlp", dtype)] = plain
+            runs[(name, "allmlp optimized", dtype)] = allmlp.optimize_for_inference(plain)
+            if args.compile:
+                runs[(name, "allmlp compiled", dtype)] = torch.compile(plain)
             if dtype == torch.float32 or not cyclic:
                 runs[(name, "authors", dtype)] = copy.deepcopy(authors).to(dtype)
     x = torch.randn(args.batch, 3, args.size, args.size)
 
     speeds = {key: [] for key in runs}
     with torch.inference_mode():
-        for (_, _, dtype), module in runs.items():  # warm-up
-            module(x.to(dtype))
+        for (_, _, dtype), module in runs.items():  # warm-up; compiles, with freezing (weights as constants)
+            with inductor_config.patch(freezing=True):
+                module(x.to(dtype))
         for _ in range(args.rounds):
             for (name, implementation, dtype), module in runs.items():
                 speeds[(name, implementation, dtype)].append(images_per_second(module, x.to(dtype)))
     median = {key: statistics.median(values) for key, values in speeds.items()}
 
-    def ratio(name: str, dtype: torch.dtype) -> float:
-        """Median over rounds of allmlp's speed over the authors' float32 speed in the same round: drift of a
-        shared machine between rounds cancels out."""
-        ours, base = speeds[(name, "allmlp", dtype)], speeds[(name, "authors", torch.float32)]
+    def ratio(name: str, implementation: str, dtype: torch.dtype) -> float:
+        """Median over rounds of a speed over the authors' float32 speed in the same round: drift of a shared
+        machine between rounds cancels out."""
+        ours, base = speeds[(name, implementation, dtype)], speeds[(name, "authors", torch.float32)]
         return statistics.median(a / b for a, b in zip(ours, base, strict=True))
 
     print(
         f"\nbatch {args.batch}, {args.size}x{args.size}, {args.threads} threads, median of {args.rounds} rounds, "
         f"torch {torch.__version__}\n"
     )
-    print("| model | dtype | authors' formulation img/s | allmlp img/s | allmlp / authors' float32 (per round) |")
+    print("| model | dtype | implementation | img/s | / authors' float32 (per round) |")
     print("|---|---|---|---|---|")
-    for name in ("cyclemlp_b1", "vip_s7"):
-        for dtype in (torch.float32, torch.bfloat16):
-            theirs = median.get((name, "authors", dtype))
-            ours = median[(name, "allmlp", dtype)]
-            theirs_cell = f"{theirs:.1f}" if theirs is not None else "n/a (deform_conv2d: no bf16 CPU kernel)"
-            dtype_name = str(dtype).removeprefix("torch.")
-            print(f"| {name} | {dtype_name} | {theirs_cell} | {ours:.1f} | {ratio(name, dtype):.2f}x |")
+    for name, implementation, dtype in sorted(runs, key=lambda key: (key[0], key[2] != torch.float32, key[1])):
+        dtype_name = str(dtype).removeprefix("torch.")
+        speed, vs = median[(name, implementation, dtype)], ratio(name, implementation, dtype)
+        print(f"| {name} | {dtype_name} | {implementation} | {speed:.1f} | {vs:.2f}x |")
+        if (name, "authors", dtype) not in runs and implementation == "allmlp":
+            print(f"| {name} | {dtype_name} | authors | n/a (deform_conv2d: no bf16 CPU kernel) | |")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Each suite is a call of allmlp's bench tool (`allmlp bench --help` has every kno
 and must give the same float32 features (the final norm's tokens) before anything is timed.
 
   foundation  Mixer-B/16, batch 16, inference: fp32 and bf16 weights (the foundation issue's table)
-  inference   Mixer-B/16, batch 16, inference: fp32, bf16 weights, bf16 autocast, each eager and compiled
-              (inductor freezing); then allmlp's best path against timm's best path, head to head
+  inference   Mixer-B/16, batch 16, inference: fp32 and bf16 weights; allmlp eager, as
+              allmlp.optimize_for_inference(model) ("allmlp optimized", against timm eager) and compiled (inductor
+              freezing, against timm compiled); then allmlp's best path against timm's best path, head to head
   train       Mixer-S/16, batch 32, training step (bf16 autocast, AdamW), eager and compiled; then best vs best
   memory      Mixer-B/16, batch 32, training with and without grad checkpointing: activation memory
 
@@ -37,8 +38,8 @@ from allmlp.tools.bench import (
 SUITES = {
     "foundation": dict(models=["mixer_b16_224"], batch_sizes=[16], dtypes=["fp32", "bf16"], modes=["inference"],
                        compile_modes=[False]),
-    "inference": dict(models=["mixer_b16_224"], batch_sizes=[16], dtypes=["fp32", "bf16", "bf16-autocast"],
-                      modes=["inference"], compile_modes=[False, True]),
+    "inference": dict(models=["mixer_b16_224"], batch_sizes=[16], dtypes=["fp32", "bf16"], modes=["inference"],
+                      compile_modes=[False, True], optimize_modes=[False, True]),
     "train": dict(models=["mixer_s16_224"], batch_sizes=[32], dtypes=["bf16"], modes=["train"],
                   compile_modes=[False, True]),
     "memory": dict(models=["mixer_b16_224"], batch_sizes=[32], dtypes=["bf16"], modes=["train"],
@@ -50,8 +51,8 @@ HEAD_TO_HEAD = ("inference", "train")
 def best_vs_best(rows: list[Row], settings: Settings) -> list[Row]:
     """allmlp's fastest configuration against timm's fastest, timed again in shared rounds."""
     ours, peer = (
-        Case(r.model, r.batch_size, r.dtype, r.mode, r.compile, r.grad_checkpointing)
-        for r in (min((r for r in rows if r.impl == impl), key=lambda r: r.ms_per_batch)
+        Case(r.model, r.batch_size, r.dtype, r.mode, r.compile, r.grad_checkpointing, r.impl == "allmlp optimized")
+        for r in (min((r for r in rows if r.impl.startswith(impl)), key=lambda r: r.ms_per_batch)
                   for impl in ("allmlp", settings.compare))
     )  # fmt: skip
     print(f"best vs best: allmlp {ours} against timm {peer}", flush=True)

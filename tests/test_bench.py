@@ -102,12 +102,15 @@ def test_bench_alone_in_fp32(tmp_path, capsys):
 def test_cyclemlp_vip_benchmark_checks_the_authors_formulation_and_prints_its_table():
     """benchmarks/bench_cyclemlp_vip.py runs end to end: same logits as the authors' formulation, every row."""
     script = Path(__file__).parents[1] / "benchmarks" / "bench_cyclemlp_vip.py"
-    command = [sys.executable, str(script), "--threads", "1", "--batch", "1", "--rounds", "1"]
+    command = [sys.executable, str(script), "--threads", "1", "--batch", "1", "--rounds", "1", "--no-compile"]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     differences = [float(d) for d in re.findall(r"max \|logit difference\|.*: (\S+)", output)]
     assert len(differences) == 2 and max(differences) < 1e-5
-    rows = [line for line in output.splitlines() if line.startswith("| cyclemlp_b1 |") or line.startswith("| vip_s7 |")]
-    assert len(rows) == 4 and all(re.search(r"\| \d+\.\d\dx \|$", row) for row in rows)
+    rows = re.findall(r"^\| (cyclemlp_b1|vip_s7) \| (\w+) \| ([\w ]+) \| [\d.]+ \| \d+\.\d\dx \|$", output, re.M)
+    impls = ("allmlp", "allmlp optimized", "authors")
+    expected = {(m, d, i) for m in ("cyclemlp_b1", "vip_s7") for d in ("float32", "bfloat16") for i in impls}
+    assert set(rows) == expected - {("cyclemlp_b1", "bfloat16", "authors")} and len(rows) == 11
+    assert "| cyclemlp_b1 | bfloat16 | authors | n/a (deform_conv2d: no bf16 CPU kernel) | |" in output
 
 
 def test_a_peer_that_computes_something_else_is_refused():
@@ -153,3 +156,17 @@ def test_a_step_of_cyclemlp_and_vip_is_built_and_counted(name):
     step = Step(model, Case(name, 1, "fp32", "inference", False), torch.device("cpu"), True, model, "wall")
     assert step.images.shape == (1, 3, 224, 224)
     assert model_flops(name, 1, "inference") > 1e9
+
+
+def test_optimized_cases_are_eager_inference_in_the_models_dtype():
+    cases = expand_cases(["mixer_s32_224"], [1], ["fp32", "bf16", "bf16-autocast"], ["inference", "train"],
+                         [False, True], optimize_modes=[False, True])  # fmt: skip
+    optimized = [(c.dtype, c.mode, c.compile) for c in cases if c.optimize]
+    assert optimized == [("fp32", "inference", False), ("bf16", "inference", False)]
+    assert str(next(c for c in cases if c.optimize)) == "mixer_s32_224 batch 1 fp32 inference optimized"
+
+
+def test_bench_times_the_optimized_module_as_its_own_row(tmp_path, capsys):
+    assert main(["bench", *QUICK, "--dtypes", "fp32", "--optimize", "off", "on", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "results.csv") as f:
+        assert [r["impl"] for r in csv.DictReader(f)] == ["allmlp", "allmlp optimized"]

@@ -1,6 +1,14 @@
 """allmlp: all-MLP vision models (MLP-Mixer, CycleMLP, Vision Permutator) with their published weights."""
 
-from .models import CycleMLP, MlpMixer, VisionPermutator, create_model, get_entry, list_models
+from .models import (
+    CycleMLP,
+    MlpMixer,
+    VisionPermutator,
+    create_model,
+    get_entry,
+    list_models,
+    optimize_for_inference,
+)
 from .tools.resolution import adapt_resolution
 from .weights import WeightsError, load_weights, save_weights
 
@@ -16,5 +24,6 @@ __all__ = [
     "get_entry",
     "list_models",
     "load_weights",
+    "optimize_for_inference",
     "save_weights",
 ]

@@ -538,7 +538,10 @@ def _run_bench(args: argparse.Namespace) -> None:
     from .tools.bench import Settings, expand_cases, run_command
 
     compile_modes = [choice == "on" for choice in args.compile]
-    cases = expand_cases(args.models, args.batch_sizes, args.dtypes, args.modes, compile_modes, args.grad_checkpointing)
+    optimize_modes = [choice == "on" for choice in args.optimize]
+    cases = expand_cases(
+        args.models, args.batch_sizes, args.dtypes, args.modes, compile_modes, args.grad_checkpointing, optimize_modes
+    )
     settings = Settings(
         compare=args.compare,
         rounds=args.rounds,
@@ -574,6 +577,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--modes", nargs="+", choices=MODES, default=["inference"], help="train: forward, backward, AdamW")
     p.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off"], help="torch.compile off and/or on")
+    p.add_argument(
+        "--optimize",
+        nargs="+",
+        choices=["off", "on"],
+        default=["off"],
+        help="allmlp plain and/or as allmlp.optimize_for_inference(model) (eager inference; row 'allmlp optimized')",
+    )
     p.add_argument("--compare", choices=PEERS, help="time this peer's same architecture in the same rounds")
     p.add_argument(
         "--grad-checkpointing",

@@ -1,5 +1,6 @@
 from .cyclemlp import CycleMLP
 from .mixer import MlpMixer
+from .optimize import optimize_for_inference
 from .registry import REGISTRY, ModelEntry, Preprocessing, WeightRelease, create_model, get_entry, list_models
 from .vip import VisionPermutator
 
@@ -14,4 +15,5 @@ __all__ = [
     "create_model",
     "get_entry",
     "list_models",
+    "optimize_for_inference",
 ]

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..atomic import write_bytes_atomic
 from ..models.layers import to_pair
+from ..models.optimize import optimize_for_inference
 from ..models.registry import create_model, list_models
 
 DTYPES = ("fp32", "bf16", "bf16-autocast")
@@ -50,7 +51,8 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 @dataclass(frozen=True)
 class Case:
-    """One configuration to time. In training, bf16 always means autocast with float32 master weights."""
+    """One configuration to time. In training, bf16 always means autocast with float32 master weights.
+    `optimize`: allmlp runs as `optimize_for_inference(model)` (eager inference only; the peer runs plainly)."""
 
     model: str
     batch_size: int
@@ -58,6 +60,7 @@ class Case:
     mode: str
     compile: bool
     grad_checkpointing: bool = False
+    optimize: bool = False
 
     @property
     def compute_dtype(self) -> str:
@@ -67,7 +70,8 @@ class Case:
     def __str__(self) -> str:
         ckpt = " grad-ckpt" if self.grad_checkpointing else ""
         compiled = " compiled" if self.compile else ""
-        return f"{self.model} batch {self.batch_size} {self.dtype} {self.mode}{compiled}{ckpt}"
+        optimized = " optimized" if self.optimize else ""
+        return f"{self.model} batch {self.batch_size} {self.dtype} {self.mode}{compiled}{optimized}{ckpt}"
 
 
 @dataclass
@@ -100,8 +104,10 @@ def expand_cases(
     modes: Iterable[str],
     compile_modes: Iterable[bool],
     grad_checkpointing: bool = False,
+    optimize_modes: Iterable[bool] = (False,),
 ) -> list[Case]:
-    """Every combination, validated; training runs with and without grad checkpointing when asked to compare."""
+    """Every combination, validated; training runs with and without grad checkpointing when asked to compare;
+    `optimize_for_inference` only where it applies (eager inference in the model's dtype: it ignores autocast)."""
     models, dtypes, modes = list(models), list(dtypes), list(modes)
     known = set(list_models())
     for name in models:
@@ -124,9 +130,12 @@ def expand_cases(
                     dtype = "bf16" if mode == "train" and dtype == "bf16-autocast" else dtype
                     for compiled in compile_modes:
                         for ckpt in (False, True) if grad_checkpointing and mode == "train" else (False,):
-                            case = Case(name, batch, dtype, mode, compiled, ckpt)
-                            if case not in cases:
-                                cases.append(case)
+                            for optimized in optimize_modes:
+                                if optimized and (compiled or mode == "train" or dtype == "bf16-autocast"):
+                                    continue
+                                case = Case(name, batch, dtype, mode, compiled, ckpt, optimized)
+                                if case not in cases:
+                                    cases.append(case)
     return cases
 
 
@@ -177,6 +186,8 @@ class Step:
             model.eval()
             if case.dtype == "bf16":
                 model, self.images = model.to(torch.bfloat16), self.images.to(torch.bfloat16)
+            if case.optimize:
+                model = optimize_for_inference(model)
             self.optimizer = None
         else:
             model.train()
@@ -244,14 +255,12 @@ class Gemm:
 def model_flops(name: str, batch_size: int, mode: str) -> int:
     """FLOPs of one batch (forward; forward + backward in training), counted on the meta device.
 
-    Counted on allmlp's model; the peer computes the same products. `addmm_` (allmlp's fused residual) is not in
-    PyTorch's table, so it gets addmm's formula: 2 * M * K * N.
+    Counted on allmlp's plain model; the peer and allmlp's optimized module compute the same products.
     """
     with torch.device("meta"):
         model = create_model(name)
         images = torch.empty(batch_size, model.config["in_chans"], *to_pair(model.config["img_size"], "img_size"))
-    mapping = {torch.ops.aten.addmm_: lambda _self, a, b, *args, out_shape=None, **kwargs: 2 * a[0] * a[1] * b[1]}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+    with FlopCounterMode(display=False) as counter:
         out = model(images)
         if mode == "train":
             out.float().sum().backward()
@@ -380,9 +389,9 @@ def run_case(case: Case, settings: Settings, log: Callable[[str], None], peer_ca
     """Time one case for allmlp and the peer with interleaved rounds; one row per implementation.
 
     `peer_case` runs the peer in another configuration (same model and batch size) in the same rounds, which is
-    how allmlp's best path is compared with the peer's best path.
+    how allmlp's best path is compared with the peer's best path; by default the peer runs `case` unoptimized.
     """
-    peer_case = peer_case or case
+    peer_case = peer_case or replace(case, optimize=False)
     if (peer_case.model, peer_case.batch_size, peer_case.mode) != (case.model, case.batch_size, case.mode):
         raise ValueError(f"the peer must run the same model, batch size and mode: {case} vs {peer_case}")
     device = torch.device(settings.device)
@@ -430,7 +439,7 @@ def run_case(case: Case, settings: Settings, log: Callable[[str], None], peer_ca
             ratio = statistics.median(p / a for p, a in zip(times[peer], times[IMPL], strict=True))
         rows.append(
             Row(
-                impl=impl,
+                impl=f"{impl} optimized" if impl == IMPL and step.case.optimize else impl,
                 model=step.case.model,
                 batch_size=step.case.batch_size,
                 dtype=step.case.dtype,
