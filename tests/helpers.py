@@ -9,6 +9,8 @@ import onnxruntime
 import torch
 from torch import nn
 
+import allmlp
+
 
 class AuthorsMlp(nn.Module):
     """The MLP both authors' repositories use (timm's of 2021): fc1, GELU, fc2."""
@@ -51,3 +53,51 @@ def onnx_outputs(model: nn.Module, x: torch.Tensor, path: Path, dynamo: bool) ->
         torch.onnx.export(model, (x,), str(path), dynamo=dynamo, verbose=False)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+# Tiny models of every family, for tests of behaviour (the contract, optimisers, ...).
+
+
+def tiny_mixer(**overrides) -> nn.Module:
+    config = dict(
+        img_size=32,
+        patch_size=8,
+        in_chans=3,
+        num_classes=10,
+        hidden_dim=32,
+        num_blocks=2,
+        tokens_mlp_dim=16,
+        channels_mlp_dim=64,
+        gelu="tanh",
+        drop_rate=0.0,
+        drop_path_rate=0.0,
+        global_pool="avg",
+    )
+    return allmlp.MlpMixer(**{**config, **overrides})
+
+
+def tiny_cyclemlp(**overrides) -> nn.Module:
+    config = dict(
+        layers=[1, 1, 1, 1],
+        embed_dims=[16, 32, 48, 64],
+        mlp_ratios=[2, 2, 2, 2],
+        transitions=[True] * 4,
+        num_classes=10,
+        fork_feat=False,
+        global_pool="avg",
+    )
+    return allmlp.CycleMLP(**{**config, **overrides})
+
+
+def tiny_vip(**overrides) -> nn.Module:
+    config = dict(
+        layers=[1, 1],
+        img_size=28,
+        patch_size=7,
+        embed_dims=[16, 32],
+        transitions=[True, False],
+        segment_dim=[4, 2],
+        mlp_ratios=[2, 2],
+        num_classes=10,
+    )
+    return allmlp.VisionPermutator(**{**config, **overrides})

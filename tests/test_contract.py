@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize, prune
 import allmlp
 from allmlp.models.registry import ARCHITECTURES
 
-from helpers import randomise
+from helpers import randomise, tiny_cyclemlp, tiny_mixer, tiny_vip
 
 BATCH = 2
 HOOKED = (nn.Linear, nn.Conv2d, nn.LayerNorm)
@@ -48,51 +48,6 @@ PRETRAINED_CFG_KEYS = {
 
 # ----------------------------------------------------------------------------------------------------------------
 # The families
-
-
-def tiny_mixer(**overrides) -> nn.Module:
-    config = dict(
-        img_size=32,
-        patch_size=8,
-        in_chans=3,
-        num_classes=10,
-        hidden_dim=32,
-        num_blocks=2,
-        tokens_mlp_dim=16,
-        channels_mlp_dim=64,
-        gelu="tanh",
-        drop_rate=0.0,
-        drop_path_rate=0.0,
-        global_pool="avg",
-    )
-    return allmlp.MlpMixer(**{**config, **overrides})
-
-
-def tiny_cyclemlp(**overrides) -> nn.Module:
-    config = dict(
-        layers=[1, 1, 1, 1],
-        embed_dims=[16, 32, 48, 64],
-        mlp_ratios=[2, 2, 2, 2],
-        transitions=[True] * 4,
-        num_classes=10,
-        fork_feat=False,
-        global_pool="avg",
-    )
-    return allmlp.CycleMLP(**{**config, **overrides})
-
-
-def tiny_vip(**overrides) -> nn.Module:
-    config = dict(
-        layers=[1, 1],
-        img_size=28,
-        patch_size=7,
-        embed_dims=[16, 32],
-        transitions=[True, False],
-        segment_dim=[4, 2],
-        mlp_ratios=[2, 2],
-        num_classes=10,
-    )
-    return allmlp.VisionPermutator(**{**config, **overrides})
 
 
 @dataclass(frozen=True)

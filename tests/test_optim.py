@@ -8,9 +8,10 @@ from timm.models.mlp_mixer import MlpMixer as TimmMixer
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
-import allmlp
 from allmlp.train.config import ConfigError, OptimConfig, RunConfig, ScheduleConfig, check_run_config
 from allmlp.train.optim import Schedule, build_optimizer, layer_ids, parameter_groups
+
+from helpers import tiny_cyclemlp, tiny_mixer, tiny_vip
 
 
 class Stand(nn.Module):
@@ -130,34 +131,7 @@ def test_layer_decay_needs_a_group_matcher():
 
 @pytest.mark.parametrize(
     "build",
-    [
-        lambda: allmlp.MlpMixer(
-            img_size=32,
-            patch_size=8,
-            num_classes=10,
-            hidden_dim=32,
-            num_blocks=2,
-            tokens_mlp_dim=16,
-            channels_mlp_dim=64,
-        ),  # fmt: skip
-        lambda: allmlp.CycleMLP(
-            layers=[1, 1, 1, 1],
-            embed_dims=[16, 32, 48, 64],
-            mlp_ratios=[2, 2, 2, 2],
-            transitions=[True] * 4,
-            num_classes=10,
-        ),  # fmt: skip
-        lambda: allmlp.VisionPermutator(
-            layers=[1, 1],
-            img_size=28,
-            patch_size=7,
-            embed_dims=[16, 32],
-            transitions=[True, False],
-            segment_dim=[4, 2],
-            mlp_ratios=[2, 2],
-            num_classes=10,
-        ),  # fmt: skip
-    ],
+    [tiny_mixer, tiny_cyclemlp, tiny_vip],
     ids=["mixer", "cyclemlp", "vip"],
 )
 def test_every_family_decays_from_head_to_stem(build):
