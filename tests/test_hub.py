@@ -96,8 +96,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = data[start:]
         cut = state.cut_once.pop(self.path, state.cut_always.get(self.path))
         body = body if cut is None else body[:cut]
+        state.bytes_sent += len(body)  # before writing: the client may be done before this thread runs again
         self.wfile.write(body)  # HTTP/1.0: the connection closes after this, early if the body was cut
-        state.bytes_sent += len(body)
 
     def log_message(self, *args):
         pass
