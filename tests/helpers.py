@@ -101,3 +101,12 @@ def tiny_vip(**overrides) -> nn.Module:
         num_classes=10,
     )
     return allmlp.VisionPermutator(**{**config, **overrides})
+
+
+# A recipe's model section: a 1-block Mixer for the grey 28x28 demo digits (tiny, for CLI and engine tests).
+TINY_DEMO_MODEL = {
+    "name": "mixer_s16_224",
+    "img_size": 28,
+    "in_chans": 1,
+    "overrides": {"patch_size": 7, "hidden_dim": 8, "num_blocks": 1, "tokens_mlp_dim": 4, "channels_mlp_dim": 8},
+}

@@ -16,6 +16,8 @@ from allmlp.evaluate.metrics import Accuracy, RealAccuracy, imagenet_val_index, 
 from allmlp.train import load_config
 from allmlp.train.engine import build_model
 
+from helpers import TINY_DEMO_MODEL
+
 
 def test_topk_and_per_class():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
@@ -148,18 +150,7 @@ def test_eval_on_the_demo_set(tmp_path, capsys):
     recipe.write_text(
         yaml.safe_dump(
             {
-                "model": {
-                    "name": "mixer_s16_224",
-                    "img_size": 28,
-                    "in_chans": 1,
-                    "overrides": {
-                        "patch_size": 7,
-                        "hidden_dim": 8,
-                        "num_blocks": 1,
-                        "tokens_mlp_dim": 4,
-                        "channels_mlp_dim": 8,
-                    },
-                },
+                "model": TINY_DEMO_MODEL,
                 "data": {"kind": "demo"},
                 "train": {"eval_batch_size": 500, "precision": "fp32"},
             }

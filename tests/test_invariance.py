@@ -19,6 +19,8 @@ from allmlp.models.registry import get_entry
 from allmlp.tools.foreign import load_foreign, small_image_resnet
 from allmlp.weights.files import write_safetensors
 
+from helpers import TINY_DEMO_MODEL
+
 HALF = get_entry("mixer_s16_224").preprocessing  # mean = std = 0.5
 
 
@@ -118,18 +120,7 @@ def test_permute_config_errors_name_the_field():
 
 def test_allmlp_train_takes_data_permute(tmp_path):
     recipe = {
-        "model": {
-            "name": "mixer_s16_224",
-            "img_size": 28,
-            "in_chans": 1,
-            "overrides": {
-                "patch_size": 7,
-                "hidden_dim": 8,
-                "num_blocks": 1,
-                "tokens_mlp_dim": 4,
-                "channels_mlp_dim": 8,
-            },
-        },
+        "model": TINY_DEMO_MODEL,
         "data": {"kind": "demo", "num_workers": 0},
         "train": {"steps": 1, "batch_size": 50, "eval_batch_size": 500, "precision": "fp32", "threads": 1},
     }

@@ -15,6 +15,8 @@ from allmlp.train.config import (
     recipe_path,
 )
 
+from helpers import TINY_DEMO_MODEL
+
 
 def test_shipped_recipe_by_name_and_overrides_by_dotted_path():
     cfg = load_config("demo", ["optim.lr=1e-3", "optim.betas=[0.9, 0.95]", "train.epochs=3", "data.shift_pixels=1"])
@@ -145,9 +147,8 @@ def test_a_warm_up_longer_than_the_run_is_a_clear_warning(tmp_path, capsys):
     import yaml
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"model": {"name": "mixer_s16_224", "img_size": 28, "in_chans": 1,
-        "overrides": {"patch_size": 7, "hidden_dim": 8, "num_blocks": 1, "tokens_mlp_dim": 4, "channels_mlp_dim": 8}},
-        "data": {"kind": "demo"}, "schedule": {"warmup_epochs": 2.0},
+    recipe.write_text(yaml.safe_dump({"model": TINY_DEMO_MODEL, "data": {"kind": "demo"},
+        "schedule": {"warmup_epochs": 2.0},
         "train": {"steps": 3, "batch_size": 50, "precision": "fp32", "eval_batch_size": 500}}))  # fmt: skip
     assert main(["train", "--config", str(recipe), "--output", str(tmp_path / "r")]) == 0
     err = capsys.readouterr().err
