@@ -1,8 +1,12 @@
 """Every Mixer weight format: timm state dicts, the official JAX .npz, allmlp safetensors; hostile files."""
 
+import argparse
+import datetime
 import os
 import pickle
 import re
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,9 @@ from safetensors.torch import save_file
 import allmlp
 from allmlp.cli import main as cli
 from allmlp.models.mixer import CONFIGS, MlpMixer
+from allmlp.weights import WeightsError
+
+from helpers import randomise, tiny_mixer
 
 OFFICIAL_B16 = Path(__file__).parent / "data" / "official_mixer_b16_params.txt"
 
@@ -521,3 +528,62 @@ def test_a_huge_or_cut_safetensors_header_is_reported_as_such(tmp_path):
     cut.write_bytes(struct.pack("<Q", 10**12) + b'{"a": 1}')
     with pytest.raises(allmlp.WeightsError, match=r"header claims 1,000,000,000,000 bytes, but the file has 16"):
         allmlp.load_weights(tiny(), cut)
+
+
+def _fake_yacs_module(monkeypatch):
+    """A stand-in for yacs (not installed here) whose CfgNode pickles under yacs's own name, as AS-MLP's files do."""
+    package, module = types.ModuleType("yacs"), types.ModuleType("yacs.config")
+
+    class CfgNode(dict):
+        def __init__(self, entries=None):
+            super().__init__(entries or {})
+            self.__dict__["__immutable__"] = True
+
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    module.CfgNode = CfgNode
+    package.config = module
+    monkeypatch.setitem(sys.modules, "yacs", package)
+    monkeypatch.setitem(sys.modules, "yacs.config", module)
+    return CfgNode
+
+
+def test_configs_pickled_beside_the_weights_are_read_as_data(tmp_path, monkeypatch):
+    """AS-MLP's yacs config and DeiT's argparse.Namespace load without their code; the weights come out."""
+    model = tiny_mixer()
+    CfgNode = _fake_yacs_module(monkeypatch)
+    config = CfgNode({"MODEL": CfgNode({"TYPE": "as_mlp", "DEPTHS": [2, 2, 6, 2]}), "BASE_LR": 1e-3})
+    args = argparse.Namespace(model="hire_mlp_tiny", lr=5e-4, model_ema=True)
+    torch.save({"model": model.state_dict(), "config": config, "args": args, "epoch": 299}, tmp_path / "ckpt.pth")
+    monkeypatch.delitem(sys.modules, "yacs.config")
+    monkeypatch.delitem(sys.modules, "yacs")
+    loaded = allmlp.load_weights(tiny_mixer(), tmp_path / "ckpt.pth")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+
+
+class Innocent:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+@pytest.mark.parametrize("extra", [Innocent(), datetime.date(2021, 5, 4), types.SimpleNamespace(a=1)])
+def test_other_pickled_types_are_refused_by_name(tmp_path, extra, capsys):
+    torch.save({"model": tiny_mixer().state_dict(), "args": extra}, tmp_path / "ckpt.pth")
+    with pytest.raises(WeightsError, match="never unpickled") as err:
+        allmlp.load_weights(tiny_mixer(), tmp_path / "ckpt.pth")
+    named = r"it pickles (print|datetime.date|types.SimpleNamespace), which is not among the types allowed"
+    assert re.search(named, str(err.value)), str(err.value)
+    assert "this ran" not in capsys.readouterr().out
+
+
+def test_a_model_says_which_checkpoint_entry_holds_its_weights(tmp_path):
+    """DeiT-style checkpoints hold `model` and `model_ema`; a family whose authors evaluate the EMA weights
+    (ActiveMLP) lists `model_ema` first in `checkpoint_entries`, the others take `model`."""
+    trained, averaged = tiny_mixer(), randomise(tiny_mixer(), seed=5)
+    torch.save({"model": trained.state_dict(), "model_ema": averaged.state_dict()}, tmp_path / "ckpt.pth")
+    plain = allmlp.load_weights(tiny_mixer(), tmp_path / "ckpt.pth")
+    assert torch.equal(plain.head.weight, trained.head.weight)
+    ema_first = tiny_mixer()
+    ema_first.checkpoint_entries = ("model_ema", "model")
+    allmlp.load_weights(ema_first, tmp_path / "ckpt.pth")
+    assert torch.equal(ema_first.head.weight, averaged.head.weight)

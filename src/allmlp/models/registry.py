@@ -8,64 +8,21 @@ import fnmatch
 import inspect
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..weights import WeightsError, load_weights, read_config, read_pretrained_cfg, read_state_dict
+from ..weights import WeightsError, checkpoint_entries, load_weights, read_config, read_pretrained_cfg, read_state_dict
 from ..weights.hub import fetch_release
 from .cyclemlp import CONFIGS as CYCLEMLP_CONFIGS
 from .cyclemlp import CycleMLP
+from .entries import IN1K, ModelEntry, Preprocessing, WeightRelease, hosted, imagenet_preprocessing
 from .interface import FeatureNet
 from .mixer import CONFIGS as MIXER_CONFIGS
 from .mixer import MlpMixer
 from .vip import CONFIGS as VIP_CONFIGS
 from .vip import VisionPermutator
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images must be prepared for weights of this entry (pixels in [0, 1] are normalised by mean/std)."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str  # "bilinear" or "bicubic"
-    crop_pct: float  # 1.0: plain resize to the input size; < 1: resize to size / crop_pct, centre crop
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class WeightRelease:
-    """One published weight set that fits an entry; `create_model(name, pretrained=tag)` fetches it (weights.hub).
-
-    `file_name` is the file's path in the cache and on a mirror: the host's URL path, so that a cache folder
-    served over HTTP is a mirror. `url` is empty where the host needs a browser (`page`). `size` and `sha256`
-    are None where they are not known: the cache then checks the byte count the server announced and the format.
-    """
-
-    tag: str
-    source: str
-    num_classes: int
-    trained_on: str
-    top1: float | None = None  # ImageNet-1k top-1 as published, where the release is an ImageNet-1k classifier
-    url: str = ""
-    file_name: str = ""
-    size: int | None = None
-    sha256: str | None = None
-    page: str = ""
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    architecture: type[nn.Module]
-    config: Mapping
-    preprocessing: Preprocessing
-    releases: tuple[WeightRelease, ...] = field(default_factory=tuple)
-    paper: str = ""
-
 
 MIXER_PAPER = "Tolstikhin et al., MLP-Mixer: An all-MLP Architecture for Vision, NeurIPS 2021 (arXiv 2105.01601)"
 OFFICIAL_MIXER_PREPROCESSING = Preprocessing(
@@ -77,14 +34,9 @@ OFFICIAL_MIXER_PREPROCESSING = Preprocessing(
 )
 
 
-def _hosted(tag: str, source: str, classes: int, trained_on: str, top1: float | None, url: str) -> WeightRelease:
-    """A release a program can download: its cache path is the URL's path."""
-    return WeightRelease(tag, source, classes, trained_on, top1, url=url, file_name=url.split("/", 3)[3])
-
-
 def _mixer_releases(label: str, sets: dict[str, tuple[int, str, float | None]]) -> tuple[WeightRelease, ...]:
     return tuple(
-        _hosted(
+        hosted(
             tag,
             f"gs://mixer_models/{tag}/Mixer-{label}.npz",
             classes,
@@ -98,17 +50,16 @@ def _mixer_releases(label: str, sets: dict[str, tuple[int, str, float | None]]) 
 
 def _timm_copy(name: str, top1: float) -> WeightRelease:
     """timm's Hugging Face copy of the official imagenet1k set (safetensors, timm's names)."""
-    return _hosted(
+    return hosted(
         "timm:goog_in21k_ft_in1k",
         f"timm {name}.goog_in21k_ft_in1k (the official imagenet1k set, converted; mislabelled in21k)",
         1000,
-        _IN1K,
+        IN1K,
         top1,
         f"https://huggingface.co/timm/{name}.goog_in21k_ft_in1k/resolve/main/model.safetensors",
     )
 
 
-_IN1K = "ImageNet-1k from scratch"
 _SAM = "ImageNet-1k from scratch, SAM optimizer"
 _GSAM = "ImageNet-1k from scratch, GSAM optimizer"
 _MIXER_RELEASES = {
@@ -119,7 +70,7 @@ _MIXER_RELEASES = {
     "b16": _mixer_releases(
         "B_16",
         {
-            "imagenet1k": (1000, _IN1K, 76.44),
+            "imagenet1k": (1000, IN1K, 76.44),
             "imagenet21k": (21843, "ImageNet-21k pre-training (21,843-class head)", None),
             "sam": (1000, _SAM, None),
             "gsam": (1000, _GSAM, None),
@@ -130,7 +81,7 @@ _MIXER_RELEASES = {
     "l16": _mixer_releases(
         "L_16",
         {
-            "imagenet1k": (1000, _IN1K, 71.76),
+            "imagenet1k": (1000, IN1K, 71.76),
             "imagenet21k": (21843, "ImageNet-21k pre-training (21,843-class head)", None),
         },
     )
@@ -157,12 +108,6 @@ VIP_PAPER = (
 )
 
 
-def _imagenet_preprocessing(crop_pct: float, note: str) -> Preprocessing:
-    return Preprocessing(
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic", crop_pct=crop_pct, note=note
-    )
-
-
 # The authors' ImageNet-1k checkpoints (training checkpoints: the state dict under "model"), published top-1.
 _CYCLEMLP_TOP1 = {"b1": 78.9, "b2": 81.6, "b3": 82.4, "b4": 83.0, "b5": 83.2}
 _VIP_RELEASES = {  # Google Drive file ids from the README of houqb/VisionPermutator
@@ -176,15 +121,15 @@ REGISTRY.update(
             name=f"cyclemlp_{variant}",
             architecture=CycleMLP,
             config=dict(img_size=224, num_classes=1000, **config),
-            preprocessing=_imagenet_preprocessing(
+            preprocessing=imagenet_preprocessing(
                 0.875, "the authors' evaluation (DeiT's main.py): shorter side to 256, centre crop 224"
             ),
             releases=(
-                _hosted(
+                hosted(
                     "imagenet1k",
                     f"https://github.com/ShoufaChen/CycleMLP/releases/download/v0.1/CycleMLP_{variant.upper()}.pth",
                     1000,
-                    _IN1K,
+                    IN1K,
                     _CYCLEMLP_TOP1[variant],
                     f"https://github.com/ShoufaChen/CycleMLP/releases/download/v0.1/CycleMLP_{variant.upper()}.pth",
                 ),
@@ -200,7 +145,7 @@ REGISTRY.update(
             name=f"vip_{variant}",
             architecture=VisionPermutator,
             config=dict(img_size=224, num_classes=1000, **config),
-            preprocessing=_imagenet_preprocessing(
+            preprocessing=imagenet_preprocessing(
                 _VIP_RELEASES[variant][2], "the authors' evaluation (timm's validate.py with their default_cfg)"
             ),
             releases=(
@@ -208,7 +153,7 @@ REGISTRY.update(
                     "imagenet1k",
                     f"https://drive.google.com/file/d/{_VIP_RELEASES[variant][0]}/view (houqb/VisionPermutator README)",
                     1000,
-                    _IN1K,
+                    IN1K,
                     _VIP_RELEASES[variant][1],
                     # Google Drive answers a program with a confirmation page: a person downloads the file.
                     file_name=f"houqb/VisionPermutator/vip_{variant}.pth",
@@ -221,10 +166,14 @@ REGISTRY.update(
     }
 )
 
+# The families after Mixer, CycleMLP and ViP: each module lists its registry entries as ENTRIES.
+FAMILY_MODULES = ()
+for _family in FAMILY_MODULES:
+    REGISTRY.update({entry.name: entry for entry in _family.ENTRIES})
+
+# Architecture name (as `save_weights` records it) -> class, for rebuilding a model from a file.
 ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "MlpMixer": MlpMixer,
-    "CycleMLP": CycleMLP,
-    "VisionPermutator": VisionPermutator,
+    entry.architecture.__name__: entry.architecture for entry in REGISTRY.values()
 }
 
 
@@ -344,7 +293,7 @@ def create_model(
     if weights is not None:
         reset_head = False
         if num_classes is not None:
-            state_dict, _ = read_state_dict(weights)
+            state_dict, _ = read_state_dict(weights, checkpoint_entries(model))
             head = state_dict.get("head.weight")
             reset_head = head is not None and head.shape[0] != num_classes
             weights = state_dict

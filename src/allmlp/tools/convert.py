@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
 from torch import nn
 
 from ..models.mixer import MlpMixer, config_from_state_dict
-from ..models.registry import create_model, list_models
+from ..models.registry import create_model, get_entry, list_models
 from ..weights import load_weights, read_state_dict, save_weights
 from ..weights.files import detect_format, parse_config_metadata
 
@@ -21,9 +22,9 @@ def model_for_weights(src: str | os.PathLike, model_name: str | None = None, gel
     other foreign files get exact GELU, which is what timm computes with them.
     """
     state_dict, metadata = read_state_dict(src)
-    head = state_dict.get("head.weight")
-    num_classes = 0 if head is None else head.shape[0]
     if model_name is not None:
+        head = state_dict.get("head.weight")
+        num_classes = 0 if head is None else head.shape[0]
         overrides = {} if gelu is None else {"gelu": gelu}
         model = create_model(model_name, num_classes=num_classes, **overrides)
     elif parse_config_metadata(metadata) is not None:
@@ -32,31 +33,43 @@ def model_for_weights(src: str | os.PathLike, model_name: str | None = None, gel
         if gelu is None:
             gelu = "tanh" if detect_format(src) == "npz" else "erf"
         model = MlpMixer(**config_from_state_dict(state_dict, gelu))
-    elif "patch_embed.proj.weight" in state_dict:
+    else:
         if gelu is not None:
             raise ValueError(
-                f"gelu={gelu!r}: only MLP-Mixer weights take a GELU choice; CycleMLP and ViP use exact GELU"
+                f"gelu={gelu!r}: only MLP-Mixer weights take a GELU choice; the other families use exact GELU"
             )
-        model = registered_variant_for(state_dict, num_classes)
-    else:
-        raise ValueError(f"{src}: cannot infer the architecture from its keys; pass --model NAME")
-    return load_weights(model, state_dict)
+        model = registered_variant_for(state_dict)
+    return load_weights(model, src)  # read again: the model says which entry of a training checkpoint to take
 
 
-def registered_variant_for(state_dict: dict[str, torch.Tensor], num_classes: int) -> nn.Module:
-    """The registered CycleMLP / ViP variant whose names and shapes are exactly the state dict's (the authors'
-    checkpoints). Their configs cannot be read off the shapes alone (ViP's segment_dim is not in any shape)."""
+def _variants(name: str) -> list[dict]:
+    """The configurations a registered model's weights can come in: with a head (of any size), and where the
+    architecture has them, as a dense-prediction backbone (`fork_feat`) or in deploy form (`deploy`)."""
+    accepted = inspect.signature(get_entry(name).architecture.__init__).parameters
+    return [{}] + [{option: True} for option in ("fork_feat", "deploy") if option in accepted]
+
+
+def registered_variant_for(state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """The registered model whose parameter and buffer names and shapes are exactly the state dict's (the authors'
+    checkpoints keep their own module names), with the checkpoint's number of classes. Configs cannot be read off
+    the shapes alone (ViP's segment_dim, for one, is in no shape), so every registered variant is tried on the meta
+    device."""
     shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
-    fork_feat = "norm0.weight" in shapes  # a CycleMLP dense-prediction backbone: stage norms, no head
-    overrides = {"fork_feat": True} if fork_feat else {"num_classes": num_classes}
-    for name in list_models("cyclemlp_*") + ([] if fork_feat else list_models("vip_*")):
-        with torch.device("meta"):
-            candidate = create_model(name, **overrides)
-        if {key: tuple(value.shape) for key, value in candidate.state_dict().items()} == shapes:
-            return create_model(name, **overrides)
+    for name in list_models():
+        for overrides in _variants(name):
+            with torch.device("meta"):
+                candidate = create_model(name, **overrides)
+            classifier = candidate.pretrained_cfg.get("classifier", "head")
+            head = shapes.get(f"{classifier}.weight")
+            if head is not None and "fork_feat" not in overrides:
+                overrides = {**overrides, "num_classes": head[0]}
+                with torch.device("meta"):
+                    candidate = create_model(name, **overrides)
+            if {key: tuple(value.shape) for key, value in candidate.state_dict().items()} == shapes:
+                return create_model(name, **overrides)
     raise ValueError(
-        "weights with CycleMLP/ViP names (patch_embed, network) whose names and shapes match no registered "
-        f"variant ({', '.join(list_models('cyclemlp_*') + list_models('vip_*'))}); pass --model NAME"
+        "weights whose names and shapes match no registered model (an unknown variant, or a file of another "
+        "library); pass --model NAME"
     )
 
 

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 
 from .authors import drop_cycle_offsets, has_cycle_offsets
 from .files import (
+    CHECKPOINT_ENTRIES,
     WeightsError,
     config_metadata,
     parse_config_metadata,
@@ -32,7 +33,15 @@ from .files import (
 )
 from .jax_mixer import convert_jax_mixer, is_jax_mixer
 
-__all__ = ["WeightsError", "adapt_stem", "load_weights", "read_class_names", "read_state_dict", "save_weights"]
+__all__ = [
+    "WeightsError",
+    "adapt_stem",
+    "checkpoint_entries",
+    "load_weights",
+    "read_class_names",
+    "read_state_dict",
+    "save_weights",
+]
 
 log = logging.getLogger(__name__)
 CLASS_NAMES_KEY = "allmlp.class_names"
@@ -47,14 +56,17 @@ HEAD_KEYS = ("head.weight", "head.bias")
 _LISTED = 20  # keys shown per category in an error; the count says how many more
 
 
-def read_state_dict(source: str | os.PathLike | Mapping) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state dict in allmlp names, file metadata) from a path or an in-memory (possibly wrapped) state dict."""
+def read_state_dict(
+    source: str | os.PathLike | Mapping, entries: Sequence[str] = CHECKPOINT_ENTRIES
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict in allmlp names, file metadata) from a path or an in-memory (possibly wrapped) state dict; a
+    training checkpoint's weights come from the first of `entries` it holds."""
     if isinstance(source, Mapping):
         arrays, metadata = dict(source), {}
         if not any(isinstance(v, np.ndarray) for v in arrays.values()):
-            arrays = unwrap_state_dict(arrays)
+            arrays = unwrap_state_dict(arrays, entries)
     elif isinstance(source, (str, os.PathLike)):
-        arrays, metadata = read_weights(source)
+        arrays, metadata = read_weights(source, entries)
     else:
         raise WeightsError(f"weights source must be a path or a state dict, got {type(source).__name__}")
     for detect, convert in FOREIGN_FORMATS:
@@ -63,6 +75,12 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> tuple[dict[str, torc
     if not all(isinstance(v, torch.Tensor) for v in arrays.values()):
         raise WeightsError("NumPy arrays given, but their names match no known format (official Mixer .npz)")
     return arrays, metadata
+
+
+def checkpoint_entries(model: nn.Module) -> Sequence[str]:
+    """Where a training checkpoint keeps the weights for `model`, in the order tried: its family's
+    `checkpoint_entries` (the EMA weights first where the authors evaluate those), else the usual order."""
+    return getattr(model, "checkpoint_entries", CHECKPOINT_ENTRIES)
 
 
 def adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -128,7 +146,7 @@ def load_weights(
     classes). Without it, a head of another size is an error. A model built with num_classes=0 ignores it.
     A 3-channel stem loads into a model with another `in_chans` (see `adapt_stem`; logged at INFO level).
     """
-    state_dict, _ = read_state_dict(source)
+    state_dict, _ = read_state_dict(source, checkpoint_entries(model))
     own = model.state_dict()
     state_dict = _adapt_stem_channels(model, state_dict, own)
     has_head = "head.weight" in own

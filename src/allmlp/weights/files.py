@@ -3,14 +3,22 @@
 The format is detected from the content, not the file name: safetensors (ours and timm's), PyTorch
 checkpoints (zip or legacy pickle; loaded with `weights_only=True`, so a pickle carrying code is refused
 before anything runs) and NumPy `.npz` archives (the official JAX releases; `allow_pickle=False`).
+
+Some authors' releases pickle their training configuration beside the tensors. Exactly those types are allowed
+(`PICKLED_CONFIGS`), and only as inert data: torch's weights-only unpickler builds them without running any
+of their code. Any other type is refused, with its name in the message.
 """
 
 from __future__ import annotations
 
+import argparse
+import collections
 import json
 import os
+import re
 import struct
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +34,27 @@ _TORCH_ADVICE = ("weights_only", "re-running", "check the documentation", "in py
 
 
 def torch_reason(err: BaseException) -> str:
-    """torch.load's error without its advice to pass weights_only=False (allmlp never unpickles code)."""
+    """torch.load's error without its advice to pass weights_only=False or to allow the type (allmlp does neither):
+    the type that was refused, by name, or what else went wrong."""
+    refused = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+    if refused:
+        allowed = ", ".join(
+            f"{t.__module__}.{t.__qualname__}" if isinstance(t, type) else t[1] for t in PICKLED_CONFIGS
+        )
+        return f"it pickles {refused[1]}, which is not among the types allowed beside tensors ({allowed})"
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     kept = [line for line in lines if not any(advice in line.lower() for advice in _TORCH_ADVICE)]
     return "; ".join(kept) if kept else type(err).__name__
+
+
+# The configuration objects the authors' releases pickle beside their weights, allowed as data only:
+# DeiT-style training checkpoints (Hire-MLP, ActiveMLP) carry their command line as an argparse.Namespace (built
+# as an empty Namespace whose attributes are then set); Swin-style ones (AS-MLP) carry a yacs CfgNode, a dict
+# subclass, read here as the plain OrderedDict of its entries (yacs need not be installed, none of its code runs).
+PICKLED_CONFIGS = [argparse.Namespace, (collections.OrderedDict, "yacs.config.CfgNode")]
+# Where a training checkpoint keeps the weights, in the order tried (a model class may set its own order as
+# `checkpoint_entries`, e.g. the EMA weights first where those are the ones the authors evaluate).
+CHECKPOINT_ENTRIES = ("model", "state_dict", "model_ema", "module")
 
 
 class WeightsError(ValueError):
@@ -74,8 +99,11 @@ def detect_format(path: str | os.PathLike) -> str:
     )
 
 
-def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor | np.ndarray], dict[str, str]]:
-    """(arrays by key, metadata) from a weight file. Arrays are tensors, or NumPy arrays for .npz files."""
+def read_weights(
+    path: str | os.PathLike, entries: Sequence[str] = CHECKPOINT_ENTRIES
+) -> tuple[dict[str, torch.Tensor | np.ndarray], dict[str, str]]:
+    """(arrays by key, metadata) from a weight file. Arrays are tensors, or NumPy arrays for .npz files.
+    A training checkpoint's weights are taken from the first of `entries` it has."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weight file not found: {path}")
@@ -87,7 +115,9 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor | np.n
         if kind == "npz":
             with np.load(path, allow_pickle=False) as archive:
                 return {key: archive[key] for key in archive.files}, {}
-        return _unwrap(torch.load(path, map_location="cpu", weights_only=True), path), {}
+        with torch.serialization.safe_globals(PICKLED_CONFIGS):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return _unwrap(checkpoint, path, entries), {}
     except WeightsError:
         raise
     except (SafetensorError, OSError, ValueError, RuntimeError, EOFError, zipfile.BadZipFile) as err:
@@ -118,9 +148,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise WeightsError(f"{path}: cannot read safetensors header: {err}") from err
 
 
-def _unwrap(obj: object, origin: object) -> dict[str, torch.Tensor]:
-    """The state dict inside a checkpoint: bare, or under 'model' / 'state_dict' / 'model_ema' as trainers save."""
-    for key in ("model", "state_dict", "model_ema", "module"):
+def _unwrap(obj: object, origin: object, entries: Sequence[str] = CHECKPOINT_ENTRIES) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: bare, or under the first of `entries` (as trainers save) it has."""
+    for key in entries:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
@@ -140,8 +170,8 @@ def _strip_wrapper_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
     return tensors
 
 
-def unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
-    return _unwrap(obj, "state dict")
+def unwrap_state_dict(obj: object, entries: Sequence[str] = CHECKPOINT_ENTRIES) -> dict[str, torch.Tensor]:
+    return _unwrap(obj, "state dict", entries)
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
