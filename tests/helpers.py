@@ -1,6 +1,8 @@
 """What the CycleMLP and ViP tests share: the authors' MLP, random weights, published key lists, ONNX runs."""
 
 import re
+import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -53,6 +55,23 @@ def onnx_outputs(model: nn.Module, x: torch.Tensor, path: Path, dynamo: bool) ->
         torch.onnx.export(model, (x,), str(path), dynamo=dynamo, verbose=False)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def fake_yacs_module(monkeypatch):
+    """A stand-in for yacs (not installed here) whose CfgNode pickles under yacs's own name, as AS-MLP's files do."""
+    package, module = types.ModuleType("yacs"), types.ModuleType("yacs.config")
+
+    class CfgNode(dict):
+        def __init__(self, entries=None):
+            super().__init__(entries or {})
+            self.__dict__["__immutable__"] = True
+
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    module.CfgNode = CfgNode
+    package.config = module
+    monkeypatch.setitem(sys.modules, "yacs", package)
+    monkeypatch.setitem(sys.modules, "yacs.config", module)
+    return CfgNode
 
 
 # Tiny models of every family, for tests of behaviour (the contract, optimisers, ...).

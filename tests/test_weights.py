@@ -20,7 +20,7 @@ from allmlp.cli import main as cli
 from allmlp.models.mixer import CONFIGS, MlpMixer
 from allmlp.weights import WeightsError
 
-from helpers import randomise, tiny_mixer
+from helpers import fake_yacs_module, randomise, tiny_mixer
 
 OFFICIAL_B16 = Path(__file__).parent / "data" / "official_mixer_b16_params.txt"
 
@@ -530,27 +530,10 @@ def test_a_huge_or_cut_safetensors_header_is_reported_as_such(tmp_path):
         allmlp.load_weights(tiny(), cut)
 
 
-def _fake_yacs_module(monkeypatch):
-    """A stand-in for yacs (not installed here) whose CfgNode pickles under yacs's own name, as AS-MLP's files do."""
-    package, module = types.ModuleType("yacs"), types.ModuleType("yacs.config")
-
-    class CfgNode(dict):
-        def __init__(self, entries=None):
-            super().__init__(entries or {})
-            self.__dict__["__immutable__"] = True
-
-    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
-    module.CfgNode = CfgNode
-    package.config = module
-    monkeypatch.setitem(sys.modules, "yacs", package)
-    monkeypatch.setitem(sys.modules, "yacs.config", module)
-    return CfgNode
-
-
 def test_configs_pickled_beside_the_weights_are_read_as_data(tmp_path, monkeypatch):
     """AS-MLP's yacs config and DeiT's argparse.Namespace load without their code; the weights come out."""
     model = tiny_mixer()
-    CfgNode = _fake_yacs_module(monkeypatch)
+    CfgNode = fake_yacs_module(monkeypatch)
     config = CfgNode({"MODEL": CfgNode({"TYPE": "as_mlp", "DEPTHS": [2, 2, 6, 2]}), "BASE_LR": 1e-3})
     args = argparse.Namespace(model="hire_mlp_tiny", lr=5e-4, model_ema=True)
     torch.save({"model": model.state_dict(), "config": config, "args": args, "epoch": 299}, tmp_path / "ckpt.pth")
