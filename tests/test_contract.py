@@ -31,7 +31,8 @@ from allmlp.models.registry import ARCHITECTURES
 from helpers import randomise, tiny_cyclemlp, tiny_mixer, tiny_vip
 
 BATCH = 2
-HOOKED = (nn.Linear, nn.Conv2d, nn.LayerNorm)
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
+HOOKED = (nn.Linear, nn.Conv1d, nn.Conv2d, *NORMS)
 PRETRAINED_CFG_KEYS = {
     "input_size",
     "mean",
@@ -154,7 +155,7 @@ def assert_differs(a, b, margin: float = 1e-4) -> None:
 
 
 def hooked_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Linear, Conv2d and LayerNorm, and every other module that holds parameters itself (CycleFC)."""
+    """Every Linear, convolution and norm, and every other module that holds parameters itself (CycleFC)."""
     return {
         name: m
         for name, m in model.named_modules()
@@ -249,7 +250,7 @@ def test_forward_hooks_fire_once_per_forward(family, train, grad):
     model = make(family).train(train)
     modules = hooked_modules(model)
     assert any(isinstance(m, nn.Linear) for m in modules.values())
-    assert any(isinstance(m, nn.LayerNorm) for m in modules.values())
+    assert any(isinstance(m, NORMS) or "norm" in name for name, m in modules.items())  # ResMLP: Affine
     assert any(isinstance(m, nn.Conv2d) for m in modules.values())
     calls = Counter()
     pre_calls = Counter()
