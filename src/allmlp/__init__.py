@@ -3,11 +3,13 @@
 from .models import (
     CycleMLP,
     MlpMixer,
+    RepMLPNet,
     VisionPermutator,
     create_model,
     get_entry,
     list_models,
     optimize_for_inference,
+    reparameterize,
 )
 from .tools.resolution import adapt_resolution
 from .weights import WeightsError, load_weights, save_weights
@@ -17,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CycleMLP",
     "MlpMixer",
+    "RepMLPNet",
     "VisionPermutator",
     "WeightsError",
     "adapt_resolution",
@@ -25,5 +28,6 @@ __all__ = [
     "list_models",
     "load_weights",
     "optimize_for_inference",
+    "reparameterize",
     "save_weights",
 ]

@@ -2,6 +2,8 @@ from .cyclemlp import CycleMLP
 from .mixer import MlpMixer
 from .optimize import optimize_for_inference
 from .registry import REGISTRY, ModelEntry, Preprocessing, WeightRelease, create_model, get_entry, list_models
+from .reparam import reparameterize
+from .repmlp import RepMLPNet
 from .vip import VisionPermutator
 
 __all__ = [
@@ -10,10 +12,12 @@ __all__ = [
     "MlpMixer",
     "ModelEntry",
     "Preprocessing",
+    "RepMLPNet",
     "VisionPermutator",
     "WeightRelease",
     "create_model",
     "get_entry",
     "list_models",
     "optimize_for_inference",
+    "reparameterize",
 ]
