@@ -111,6 +111,28 @@ def conv_as_fc(kernel: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return responses.reshape(h * w, sets * h * w).t()
 
 
+class GroupedPointwiseConv(nn.Conv2d):
+    """fc3: the authors' grouped 1x1 Conv2d (their layer type and keys), computed as one matrix product per group
+    (`torch.bmm`) on its own weight and bias: the same function as nn.Conv2d on any input, several times faster on
+    CPU, where oneDNN's grouped 1x1 convolution runs at a tenth of the matrix-product rate for these shapes."""
+
+    def __init__(self, channels: int, groups: int, bias: bool):
+        super().__init__(channels, channels, kernel_size=1, bias=bias, groups=groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        groups, per_group = self.groups, self.in_channels // self.groups
+        columns = x.reshape(batch, groups, per_group, height * width).permute(1, 2, 0, 3)
+        columns = columns.reshape(groups, per_group, batch * height * width)
+        weight = self.weight.reshape(groups, per_group, per_group)
+        if self.bias is None:
+            out = torch.bmm(weight, columns)
+        else:
+            out = torch.baddbmm(self.bias.reshape(groups, per_group, 1), weight, columns)
+        out = out.reshape(groups, per_group, batch, height * width).permute(2, 0, 1, 3)
+        return out.reshape(batch, self.out_channels, height, width)
+
+
 class RepMLPBlock(nn.Module):
     """The RepMLP block on an NCHW map whose height and width are multiples of (h, w); the authors' names.
 
@@ -137,7 +159,7 @@ class RepMLPBlock(nn.Module):
         self.deploy = deploy
         self.gp = GlobalPerceptron(in_channels, in_channels // globalperceptron_reduce)
         positions = num_sharesets * h * w
-        self.fc3 = nn.Conv2d(positions, positions, 1, 1, 0, bias=deploy, groups=num_sharesets)
+        self.fc3 = GroupedPointwiseConv(positions, num_sharesets, bias=deploy)
         self.fc3_bn = nn.Identity() if deploy else nn.BatchNorm2d(num_sharesets)
         self.reparam_conv_k = None if reparam_conv_k is None else [int(k) for k in reparam_conv_k]
         if not deploy and self.reparam_conv_k is not None:
