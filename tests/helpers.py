@@ -39,11 +39,11 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def published_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a published checkpoint, from its key list (tab-separated key, shape, dtype, kind)."""
+    """Key -> shape of a published checkpoint, from its key list (tab-separated key, shape, dtype[, kind])."""
     shapes = {}
     for line in path.read_text().splitlines():
         if not line.startswith("#"):
-            key, shape, _, _ = line.split("\t")
+            key, shape, *_ = line.split("\t")
             shapes[key] = tuple(int(d) for d in re.findall(r"\d+", shape))
     return shapes
 
@@ -120,6 +120,20 @@ def tiny_vip(**overrides) -> nn.Module:
         num_classes=10,
     )
     return allmlp.VisionPermutator(**{**config, **overrides})
+
+
+def tiny_repmlpnet(**overrides) -> nn.Module:
+    config = dict(
+        num_blocks=[1, 1, 1, 1],
+        channels=[8, 16, 24, 32],
+        hs=[4, 2, 2, 1],
+        ws=[4, 2, 2, 1],
+        sharesets_nums=[1, 2, 4, 8],
+        reparam_conv_k=[1, 3],
+        globalperceptron_reduce=4,
+        num_class=10,
+    )
+    return allmlp.RepMLPNet(**{**config, **overrides})
 
 
 # A recipe's model section: a 1-block Mixer for the grey 28x28 demo digits (tiny, for CLI and engine tests).

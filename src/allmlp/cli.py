@@ -63,7 +63,7 @@ def _run_info(args: argparse.Namespace) -> None:
 def _run_convert(args: argparse.Namespace) -> None:
     from .tools.convert import convert
 
-    model = convert(args.src, args.dst, args.model, args.gelu)
+    model = convert(args.src, args.dst, args.model, args.gelu, deploy=args.deploy)
     print(f"wrote {args.dst}: {type(model).__name__} {model.config}")
 
 
@@ -132,6 +132,12 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "--gelu",
         choices=["tanh", "erf"],
         help="GELU of the stored config; default: tanh for official .npz files, erf (timm's) otherwise",
+    )
+    p.add_argument(
+        "--deploy",
+        action="store_true",
+        help="write the deploy form (allmlp.reparameterize: training-time branches folded, e.g. RepMLPNet's local "
+        "convs and BatchNorms into fc3)",
     )
     p.set_defaults(run=_run_convert)
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..models.mixer import MlpMixer, config_from_state_dict
 from ..models.registry import create_model, get_entry, list_models
+from ..models.reparam import reparameterize
 from ..weights import load_weights, read_state_dict, save_weights
 from ..weights.files import detect_format, parse_config_metadata
 
@@ -74,8 +75,16 @@ def registered_variant_for(state_dict: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def convert(
-    src: str | os.PathLike, dst: str | os.PathLike, model_name: str | None = None, gelu: str | None = None
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    model_name: str | None = None,
+    gelu: str | None = None,
+    deploy: bool = False,
 ) -> nn.Module:
+    """Write the weights in `src` as allmlp safetensors; with `deploy`, the model's deploy form
+    (`allmlp.reparameterize`: RepMLPNet's locality injection) instead of the trained one."""
     model = model_for_weights(src, model_name, gelu)
+    if deploy:
+        model = reparameterize(model.eval())
     save_weights(model, dst)
     return model
