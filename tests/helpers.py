@@ -130,7 +130,7 @@ def tiny_repmlpnet(**overrides) -> nn.Module:
         ws=[4, 2, 2, 1],
         sharesets_nums=[1, 2, 4, 8],
         reparam_conv_k=[1, 3],
-        globalperceptron_reduce=4,
+        globalperceptron_reduce=1,
         num_class=10,
     )
     return allmlp.RepMLPNet(**{**config, **overrides})

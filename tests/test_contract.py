@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize, prune
 import allmlp
 from allmlp.models.registry import ARCHITECTURES
 
-from helpers import randomise, tiny_cyclemlp, tiny_mixer, tiny_vip
+from helpers import randomise, tiny_cyclemlp, tiny_mixer, tiny_repmlpnet, tiny_vip
 
 BATCH = 2
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
@@ -62,6 +62,9 @@ class Family:
     classifier: bool = True  # False: a dense backbone (fork_feat) without pooling or head
     fixed_input_size: bool = True
     stage_counts: int = 0  # how many feature_info entries the tiny model has
+    # BatchNorm in training mode mixes the samples of a batch (batch statistics), so per-sample gradients (Opacus,
+    # vmap) are only defined in eval mode, where it is a per-channel affine map: those tests run the model in eval
+    batch_norm: bool = False
 
 
 FAMILIES = {
@@ -104,12 +107,24 @@ FAMILIES = {
         dict(layers=[1, 1, 1, 1]),
         stage_counts=2,
     ),
+    "repmlpnet": Family(
+        tiny_repmlpnet,
+        (32, 64),
+        "RepMLPNet",
+        "head",
+        "repmlpnet_t224",
+        dict(num_blocks=[1, 1, 1, 1], channels=[8, 16, 24, 32], sharesets_nums=[1, 2, 4, 8]),
+        stage_counts=4,
+        batch_norm=True,
+    ),
 }
 CLASSIFIERS = [name for name, family in FAMILIES.items() if family.classifier]
 # the lead documents why a family cannot be scripted; xfail(strict=True) entries go here with the reason
 NOT_SCRIPTABLE: dict[str, str] = {
     "cyclemlp_fork": "fork_feat's forward is forward_intermediates(norm=True), which TorchScript cannot compile "
     "(f-string errors, int-or-list indices)",
+    "repmlpnet": "its Conv2d / BatchNorm2d subclasses (channels-last token views around the authors' layers) call "
+    "super().forward, which TorchScript cannot compile; torch.export and ONNX cover deployment",
 }
 
 
@@ -164,7 +179,10 @@ def hooked_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def linear_names(model: nn.Module, head: bool = False) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and (head or n != "head")]
+    """The Linear layers but the head (with `head`, the head too); a family whose only Linear is the head (RepMLPNet:
+    its MLPs are 1x1 convolutions, as in the authors' code) gets the head."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return names if head or names == ["head"] else [n for n in names if n != "head"]
 
 
 def feature_modules(model: nn.Module) -> list[str]:
@@ -525,8 +543,12 @@ def test_only_one_deep_linear_trainable(family, train):
 def test_opacus_grad_samples_equal_per_sample_gradients(family):
     from opacus import GradSampleModule
 
-    model = make(family).train()
+    model = make(family).train(not FAMILIES[family].batch_norm)
     x = image(family, batch=3)
+    if FAMILIES[family].batch_norm:  # Opacus refuses BatchNorm (its ModuleValidator.fix swaps in GroupNorm)
+        with pytest.raises(NotImplementedError, match="BatchNorm"):
+            GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        return
     expected = per_sample_grads_by_loop(model, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -685,7 +707,7 @@ def test_functional_call(family):
 def test_vmap_grad_gives_per_sample_gradients(family):
     from torch.func import functional_call, grad, vmap
 
-    model = make(family).train()
+    model = make(family).train(not FAMILIES[family].batch_norm)
     x = image(family, batch=3)
     expected = per_sample_grads_by_loop(model, x)
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -737,6 +759,7 @@ EXPORT_SIZES = {  # (batch, height, width) the dynamic program is checked at
     "cyclemlp": [(1, 35, 35), (3, 40, 64), (2, 64, 64), (1, 97, 50)],
     "cyclemlp_fork": [(1, 35, 35), (2, 41, 70), (1, 64, 64)],
     "vip": [(1, 28, 28), (3, 28, 28), (5, 28, 28)],
+    "repmlpnet": [(1, 32, 64), (3, 32, 64), (5, 32, 64)],
 }
 # CycleMLP's documented dynamic height/width range (README): every stage grid at least 2x2, i.e. H, W >= 35
 STAGED_DYNAMIC_MIN = 35
@@ -1083,7 +1106,8 @@ def test_resolve_model_data_config_gives_the_registry_preprocessing(name):
         model = allmlp.create_model(name)
     config = resolve_model_data_config(model)
     pre = allmlp.get_entry(name).preprocessing
-    assert config["input_size"] == (3, 224, 224)
+    assert config["input_size"] == tuple(model.pretrained_cfg["input_size"])
+    assert config["input_size"] in ((3, 224, 224), (3, 256, 256))  # RepMLPNet *256: trained and evaluated at 256
     assert tuple(config["mean"]) == tuple(pre.mean) and tuple(config["std"]) == tuple(pre.std)
     assert config["interpolation"] == pre.interpolation and config["crop_pct"] == pre.crop_pct
     assert config["crop_mode"] == "center"
