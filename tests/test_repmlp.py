@@ -12,7 +12,7 @@ from torch import nn
 
 import allmlp
 from allmlp.cli import main as cli
-from allmlp.models.repmlp import CONFIGS, GroupedPointwiseConv, RepMLPBlock
+from allmlp.models.repmlp import CONFIGS, GroupedPointwiseConv, RepMLPBlock, RowwiseDepthwiseConv
 from allmlp.tools.convert import convert
 
 from helpers import onnx_outputs, published_shapes, randomise
@@ -120,6 +120,19 @@ def test_grouped_pointwise_conv_is_nn_conv2d():
                 torch.testing.assert_close(conv(x), plain(x), atol=1e-5, rtol=1e-5)
                 strided = torch.randn(shape[0], shape[2], shape[3], 24).permute(0, 3, 1, 2)
                 torch.testing.assert_close(conv(strided), plain(strided), atol=1e-5, rtol=1e-5)
+
+
+def test_rowwise_depthwise_conv_is_nn_conv2d():
+    for channels, k, bias in ((1, 3, False), (4, 1, True), (3, 5, True)):
+        conv = RowwiseDepthwiseConv(channels, k, k // 2, bias)
+        randomise(conv)
+        plain = nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels, bias=bias)
+        plain.load_state_dict(conv.state_dict())
+        x = torch.randn(6, channels, 5, 7)
+        channels_last_rows = torch.randn(5, 7, 6, channels).permute(2, 3, 0, 1)  # what RepMLPBlock hands in
+        with torch.no_grad():
+            torch.testing.assert_close(conv(x), plain(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(conv(channels_last_rows), plain(channels_last_rows), atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------

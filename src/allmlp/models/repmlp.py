@@ -51,12 +51,38 @@ CONFIGS = {
 }  # fmt: skip
 
 
-class ConvBN(nn.Sequential):
-    """The authors' conv_bn / conv_bn_relu: a bias-free Conv2d (`conv`), BatchNorm2d (`bn`), optionally ReLU; NCHW."""
+class RowwiseDepthwiseConv(nn.Conv2d):
+    """A depthwise Conv2d (groups == in_channels == out_channels; the local convs `repconv{k}.conv`) computed as
+    one depthwise convolution over the channels of all samples side by side: the same function as nn.Conv2d on
+    any input. The local convs run on one row per partition and chunk with only S channels each (S = 1 in the
+    first stage), where oneDNN's batched convolution is ~50x slower than a depthwise one over a channels-last view
+    of all rows (which the block hands in: rows x sets innermost in memory, so the reshape below is a view)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, groups=1, relu=False):
+    def __init__(self, channels: int, kernel_size: int, padding: int, bias: bool = False):
+        super().__init__(channels, channels, kernel_size, 1, padding, groups=channels, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, channels, height, width = x.shape
+        wide = x.reshape(1, rows * channels, height, width)
+        bias = None if self.bias is None else self.bias.repeat(rows)
+        out = F.conv2d(wide, self.weight.repeat(rows, 1, 1, 1), bias, self.stride, self.padding, self.dilation,
+                       rows * channels)  # fmt: skip
+        return out.reshape(rows, channels, out.shape[2], out.shape[3])
+
+
+class ConvBN(nn.Sequential):
+    """The authors' conv_bn / conv_bn_relu: a bias-free Conv2d (`conv`), BatchNorm2d (`bn`), optionally ReLU; NCHW.
+    `depthwise`: the conv is a RowwiseDepthwiseConv (groups == channels)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, groups=1, relu=False,
+        depthwise=False,
+    ):  # fmt: skip
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
+        if depthwise:
+            self.conv = RowwiseDepthwiseConv(in_channels, kernel_size, padding)
+        else:
+            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
         if relu:
             self.relu = nn.ReLU()
@@ -168,7 +194,7 @@ class RepMLPBlock(nn.Module):
         self.reparam_conv_k = None if reparam_conv_k is None else [int(k) for k in reparam_conv_k]
         if not deploy and self.reparam_conv_k is not None:
             for k in self.reparam_conv_k:
-                self.add_module(f"repconv{k}", ConvBN(num_sharesets, num_sharesets, k, 1, k // 2, groups=num_sharesets))
+                self.add_module(f"repconv{k}", ConvBN(num_sharesets, num_sharesets, k, 1, k // 2, depthwise=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gates = self.gp(x)
@@ -182,8 +208,9 @@ class RepMLPBlock(nn.Module):
         fc_in = tokens.permute(0, 6, 2, 4, 1, 3, 5).reshape(batch, sets * h * w, rows * cols * chunks, 1)
         out = self.fc3_bn(self.fc3(fc_in).reshape(batch, sets, h * w, rows * cols * chunks))
         if not self.deploy and self.reparam_conv_k is not None:
-            conv_in = tokens.permute(0, 1, 3, 5, 6, 2, 4).reshape(batch * rows * cols * chunks, sets, h, w)
-            local = self._local(conv_in).reshape(batch, rows * cols * chunks, sets, h * w)
+            # one (sets, h, w) image per (sample, partition, chunk), stored positions-outermost (channels-last)
+            conv_in = tokens.permute(2, 4, 0, 1, 3, 5, 6).reshape(h, w, batch * rows * cols * chunks, sets)
+            local = self._local(conv_in.permute(2, 3, 0, 1)).reshape(batch, rows * cols * chunks, sets, h * w)
             out = out + local.permute(0, 2, 3, 1)
         # The authors read a sample's rows back as (chunk, partition row, partition column) in that order, not the
         # (partition row, partition column, chunk) they were written in: with several partitions and chunks, the
