@@ -375,3 +375,46 @@ def test_torch_export_and_onnx_match_eager(deploy, dynamo, tmp_path):
         torch.testing.assert_close(program.module()(x[:1]), expected[:1], atol=1e-5, rtol=1e-5)
     got = onnx_outputs(model, x, tmp_path / "repmlp.onnx", dynamo=dynamo)
     torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def test_recipe_has_the_authors_settings_and_builds_in_the_trainer(tmp_path):
+    from allmlp.train.config import load_config
+    from allmlp.train.engine import build_model
+
+    cfg = load_config("repmlpnet_b256_i1k", [f"data.root={tmp_path}"])
+    assert cfg.model.name == "repmlpnet_b256" and cfg.model.drop_path_rate == 0.0
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.clip_grad_norm) == ("adamw", 1e-3, 0.1, 5.0)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.label_smoothing) == (100, 256, 0.1)
+    assert (cfg.schedule.warmup_epochs, cfg.schedule.warmup_start_lr, cfg.schedule.end_lr) == (10, 5e-7, 0.0)
+    assert (cfg.data.mixup_alpha, cfg.data.cutmix_alpha, cfg.data.random_erasing) == (0.4, 1.0, 0.0)
+    assert (cfg.data.eval_preset, cfg.data.crop_pct) == ("resmall_crop", 1.0)
+    with torch.device("meta"):
+        model = build_model(cfg, num_classes=10)
+    assert type(model) is allmlp.RepMLPNet and model.num_classes == 10
+    assert model.pretrained_cfg["input_size"] == (3, 256, 256)
+
+
+def test_allmlp_options_in_chans_img_size_drop_path():
+    grey = allmlp.RepMLPNet(**SMALL["k3"], in_channels=1)
+    assert grey.config["in_chans"] == 1 and "in_channels" not in grey.config
+    assert allmlp.RepMLPNet(**SMALL["k3"], in_chans=1).config == grey.config
+    with pytest.raises(ValueError, match="in_channels .* and in_chans .* differ: 1 and 3"):
+        allmlp.RepMLPNet(**SMALL["k3"], in_channels=1, in_chans=3)
+    assert grey(image(SIZES["k3"][0], in_chans=1)).shape == (2, 1000)
+    assert allmlp.RepMLPNet(**SMALL["k3"], img_size=[48, 80]).pretrained_cfg["input_size"] == (3, 48, 80)
+    with pytest.raises(ValueError, match=r"img_size must be an input size the partitions fit \(e\.g\. 24x40\), got 30"):
+        allmlp.RepMLPNet(**SMALL["k3"], img_size=30)
+    with pytest.raises(ValueError, match=r"drop_path_rate must be in \[0, 1\), got 1.5"):
+        allmlp.RepMLPNet(**SMALL["k3"], drop_path_rate=1.5)
+    ours, _ = pair("k3")
+    dropped = allmlp.RepMLPNet(**{**ours.config, "drop_path_rate": 0.5})
+    dropped.load_state_dict(ours.state_dict())
+    x = image(SIZES["k3"][0])
+    with torch.no_grad():
+        torch.testing.assert_close(dropped.eval()(x), ours.eval()(x), atol=0, rtol=0)  # identity in eval
+        torch.manual_seed(0)
+        assert (dropped.train()(x) - ours.train()(x)).abs().max() > 1e-3

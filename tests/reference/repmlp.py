@@ -157,12 +157,12 @@ class AuthorsRepMLPNet(nn.Module):
 
 def authors_repmlpnet(**config) -> nn.Module:
     """The authors' model for an allmlp RepMLPNet config, `authors_repmlpnet(**model.config)` (num_classes ->
-    num_class; allmlp-only options dropped)."""
-    num_classes = config.pop("num_classes", None)
-    config.pop("global_pool", None)
-    config.pop("drop_rate", None)
-    if num_classes is not None:
-        config["num_class"] = num_classes
+    num_class, in_chans -> in_channels; allmlp-only options dropped: they must be at their defaults)."""
+    for allmlp_name, authors_name in (("num_classes", "num_class"), ("in_chans", "in_channels")):
+        if allmlp_name in config:
+            config[authors_name] = config.pop(allmlp_name)
+    for allmlp_only in ("global_pool", "drop_rate", "drop_path_rate", "img_size"):
+        config.pop(allmlp_only, None)
     return AuthorsRepMLPNet(**config)
 
 

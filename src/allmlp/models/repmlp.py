@@ -30,7 +30,7 @@ from torch import nn
 
 from .entries import IN1K, ModelEntry, Preprocessing, WeightRelease
 from .interface import ModelInterface, check_global_pool, pretrained_cfg
-from .layers import to_pair
+from .layers import DropPath, linear_drop_path_rates, to_pair
 
 PAPER = "Ding et al., RepMLPNet: Hierarchical Vision MLP with Re-parameterized Locality, CVPR 2022 (arXiv 2112.11081)"
 
@@ -275,7 +275,8 @@ class FFNBlock(nn.Module):
 
 
 class RepMLPNetUnit(nn.Module):
-    """y = x + repmlp_block(prebn1(x)); y + ffn_block(prebn2(y)), on (B, H, W, C) tokens (NCHW views inside)."""
+    """y = x + repmlp_block(prebn1(x)); y + ffn_block(prebn2(y)), on (B, H, W, C) tokens (NCHW views inside).
+    `drop_path` (stochastic depth on both branches) is an allmlp option; the authors' units have none (rate 0)."""
 
     def __init__(
         self,
@@ -287,8 +288,10 @@ class RepMLPNetUnit(nn.Module):
         ffn_expand: int = 4,
         num_sharesets: int = 1,
         deploy: bool = False,
+        drop_path: float = 0.0,
     ):
         super().__init__()
+        self.drop_path = DropPath(drop_path)
         self.repmlp_block = RepMLPBlock(
             channels, channels, h, w, reparam_conv_k, globalperceptron_reduce, num_sharesets, deploy
         )
@@ -298,8 +301,8 @@ class RepMLPNetUnit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)
-        y = x + self.repmlp_block(self.prebn1(x))
-        return (y + self.ffn_block(self.prebn2(y))).permute(0, 2, 3, 1)
+        y = x + self.drop_path(self.repmlp_block(self.prebn1(x)))
+        return (y + self.drop_path(self.ffn_block(self.prebn2(y)))).permute(0, 2, 3, 1)
 
 
 def stage_grids(height: int, width: int, patch_size: tuple[int, int], stages: int) -> list[tuple[int, int]]:
@@ -315,18 +318,34 @@ def check_partitions(x: torch.Tensor, patch_size: tuple[int, int], hs: Sequence[
     authors' reshape needs it and mixes samples up otherwise). Wrapped for torch.fx like `check_input`."""
     if torch.jit.is_tracing():
         return
-    grids = stage_grids(x.shape[2], x.shape[3], patch_size, len(hs))
+    problem = partition_problem(x.shape[2], x.shape[3], patch_size, hs, ws)
+    if problem is not None:
+        raise ValueError(
+            f"RepMLPNet expects input whose token grid in every stage is a whole number of partitions "
+            f"(hs={list(hs)}, ws={list(ws)}; e.g. {valid_sizes(patch_size[0], hs)[0]}x"
+            f"{valid_sizes(patch_size[1], ws)[0]}), got {tuple(x.shape)}, {problem}"
+        )
+
+
+def partition_problem(height: int, width: int, patch_size, hs: Sequence[int], ws: Sequence[int]) -> str | None:
+    """Why an input of height x width does not fit the partitions (None: it fits)."""
+    grids = stage_grids(height, width, patch_size, len(hs))
     for i, ((gh, gw), h, w) in enumerate(zip(grids, hs, ws, strict=True)):
         if gh < h or gw < w or gh % h or gw % w:
-            raise ValueError(
-                f"RepMLPNet expects input whose token grid in every stage is a whole number of partitions "
-                f"(hs={list(hs)}, ws={list(ws)}; e.g. {valid_sizes(patch_size[0], hs)[0]}x"
-                f"{valid_sizes(patch_size[1], ws)[0]}), got {tuple(x.shape)}, whose stage {i} grid is {gh}x{gw} "
-                f"for {h}x{w} partitions"
-            )
+            return f"whose stage {i} grid is {gh}x{gw} for {h}x{w} partitions"
+    return None
 
 
 torch.fx.wrap("check_partitions")
+
+
+def one_of(name: str, value, alias: str, alias_value, default):
+    """An argument given by its authors' name or its allmlp alias (not both with different values)."""
+    if value is not None and alias_value is not None and value != alias_value:
+        raise ValueError(
+            f"{name} (the authors' name) and {alias} (its allmlp alias) differ: {value} and {alias_value}; pass one"
+        )
+    return next((v for v in (alias_value, value) if v is not None), default)
 
 
 def valid_sizes(patch: int, parts: Sequence[int], count: int = 3) -> list[int]:
@@ -341,8 +360,13 @@ def valid_sizes(patch: int, parts: Sequence[int], count: int = 3) -> list[int]:
 
 
 class RepMLPNet(ModelInterface, nn.Module):
-    """RepMLPNet with the authors' argument names (`num_class`; `num_classes` is accepted as its alias, the name
-    create_model and the rest of allmlp use); `forward_features` gives (B, H, W, C) tokens after `head_norm`.
+    """RepMLPNet with the authors' argument names; `forward_features` gives (B, H, W, C) tokens after `head_norm`.
+
+    `num_class` and `in_channels` (the authors' names) are also accepted as `num_classes` and `in_chans`, the names
+    create_model, the trainer and the rest of allmlp use, under which `config` stores them (passing both names of
+    one argument with different values is an error). allmlp options beyond the authors': `drop_path_rate`
+    (stochastic depth, linear over all units; the authors train without), `drop_rate` (dropout before the head),
+    `img_size` (the input size recorded in pretrained_cfg; default hs[0] * patch), `global_pool`.
 
     `deploy=True` builds the inference form (fc3 with bias, no local convolutions); `allmlp.reparameterize` turns
     a trained model into it. Input sizes: every stage's grid must be a whole number of hs[i] x ws[i] partitions
@@ -353,7 +377,7 @@ class RepMLPNet(ModelInterface, nn.Module):
 
     def __init__(
         self,
-        in_channels: int = 3,
+        in_channels: int | None = None,
         num_class: int | None = None,
         patch_size: int | Sequence[int] = (4, 4),
         num_blocks: Sequence[int] = (2, 2, 6, 2),
@@ -365,16 +389,17 @@ class RepMLPNet(ModelInterface, nn.Module):
         globalperceptron_reduce: int = 4,
         deploy: bool = False,
         num_classes: int | None = None,
+        in_chans: int | None = None,
+        img_size: int | Sequence[int] | None = None,
         drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
         global_pool: str = "avg",
     ):
         super().__init__()
-        if num_class is not None and num_classes is not None and num_class != num_classes:
-            raise ValueError(
-                f"num_class (the authors' name) and num_classes (its allmlp alias) differ: {num_class} and "
-                f"{num_classes}; pass one of them"
-            )
-        num_classes = next((n for n in (num_classes, num_class) if n is not None), 1000)
+        num_classes = one_of("num_class", num_class, "num_classes", num_classes, 1000)
+        in_chans = one_of("in_channels", in_channels, "in_chans", in_chans, 3)
+        if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_chans!r}")
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
             raise ValueError(f"num_class must be an int >= 0 (0: no head), got {num_classes!r}")
         patch = to_pair(patch_size, "patch_size")
@@ -400,8 +425,19 @@ class RepMLPNet(ModelInterface, nn.Module):
             raise ValueError(f"reparam_conv_k must be None or a list of odd kernel sizes, got {reparam_conv_k!r}")
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        heights, widths = valid_sizes(patch[0], hs), valid_sizes(patch[1], ws)
+        if not heights or not widths:
+            raise ValueError(f"no input size fits hs={list(hs)}, ws={list(ws)} with patch_size {list(patch)}")
+        size = (heights[0], widths[0]) if img_size is None else to_pair(img_size, "img_size")
+        if partition_problem(*size, patch, hs, ws) is not None:
+            raise ValueError(
+                f"img_size must be an input size the partitions fit (e.g. {heights[0]}x{widths[0]}), got {img_size!r}, "
+                f"{partition_problem(*size, patch, hs, ws)}"
+            )
         self.config = dict(
-            in_channels=in_channels,
+            in_chans=in_chans,
             patch_size=list(patch),
             num_blocks=list(num_blocks),
             channels=list(channels),
@@ -412,7 +448,9 @@ class RepMLPNet(ModelInterface, nn.Module):
             globalperceptron_reduce=globalperceptron_reduce,
             deploy=bool(deploy),
             num_classes=num_classes,
+            img_size=list(size),
             drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
             global_pool=global_pool,
         )
         self.num_classes = num_classes
@@ -420,18 +458,15 @@ class RepMLPNet(ModelInterface, nn.Module):
         self.global_pool = check_global_pool(global_pool)
         self.grad_checkpointing = False
         self.patch_size, self.hs, self.ws = patch, list(hs), list(ws)
-        heights, widths = valid_sizes(patch[0], hs), valid_sizes(patch[1], ws)
-        if not heights or not widths:
-            raise ValueError(f"no input size fits hs={list(hs)}, ws={list(ws)} with patch_size {list(patch)}")
         self.accepts = (
             "RepMLPNet",
-            in_channels,
+            in_chans,
             (heights[0], -1, widths[0], -1),
-            f"(B, {in_channels}, H, W) whose token grid in every stage is a whole number of hs x ws partitions "
+            f"(B, {in_chans}, H, W) whose token grid in every stage is a whole number of hs x ws partitions "
             f"(H in {', '.join(map(str, heights))}, ...; W in {', '.join(map(str, widths))}, ...)",
         )
         self.pretrained_cfg = pretrained_cfg(
-            (in_channels, hs[0] * patch[0], ws[0] * patch[1]),
+            (in_chans, *size),
             "conv_embedding.conv",
             fixed_input_size=True,
             num_classes=num_classes,
@@ -439,14 +474,24 @@ class RepMLPNet(ModelInterface, nn.Module):
             crop_pct=1.0,
         )
 
-        self.conv_embedding = PatchEmbed(in_channels, channels[0], patch, stride=patch, relu=True)
+        self.conv_embedding = PatchEmbed(in_chans, channels[0], patch, stride=patch, relu=True)
+        rates = linear_drop_path_rates(drop_path_rate, sum(num_blocks))
+        starts = [sum(num_blocks[:i]) for i in range(stages)]
         self.stages = nn.ModuleList(
             nn.Sequential(
                 *(
                     RepMLPNetUnit(
-                        channels[i], hs[i], ws[i], reparam_conv_k, globalperceptron_reduce, 4, sharesets_nums[i], deploy
-                    )
-                    for _ in range(num_blocks[i])
+                        channels[i],
+                        hs[i],
+                        ws[i],
+                        reparam_conv_k,
+                        globalperceptron_reduce,
+                        4,
+                        sharesets_nums[i],
+                        deploy,
+                        rates[starts[i] + j],
+                    )  # fmt: skip
+                    for j in range(num_blocks[i])
                 )
             )
             for i in range(stages)
@@ -534,7 +579,7 @@ ENTRIES = [
     ModelEntry(
         name=f"repmlpnet_{variant}",
         architecture=RepMLPNet,
-        config=dict(num_classes=1000, **config),
+        config=dict(num_classes=1000, img_size=config["hs"][0] * 4, **config),
         preprocessing=PREPROCESSING,
         releases=(
             WeightRelease(
