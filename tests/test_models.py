@@ -11,6 +11,13 @@ import allmlp
 
 BATCH = 2
 FULL_DEPTH_LIMIT = 30_000_000
+# the overrides that build a family with fewer blocks (architecture name -> constructor arguments)
+SHALLOW = {
+    "MlpMixer": {"num_blocks": 2},
+    "CycleMLP": {"layers": [1, 1, 1, 1]},
+    "VisionPermutator": {"layers": [1, 1, 1, 1]},
+    "RepMLPNet": {"num_blocks": [1, 1, 1, 1]},
+}
 
 
 def build(name: str, full_depth_limit: int = FULL_DEPTH_LIMIT) -> torch.nn.Module:
@@ -18,7 +25,7 @@ def build(name: str, full_depth_limit: int = FULL_DEPTH_LIMIT) -> torch.nn.Modul
         params = sum(p.numel() for p in allmlp.create_model(name).parameters())
     overrides = {}
     if params > full_depth_limit:
-        overrides = {"num_blocks": 2} if name.startswith("mixer_") else {"layers": [1, 1, 1, 1]}
+        overrides = SHALLOW[allmlp.get_entry(name).architecture.__name__]
     torch.manual_seed(0)
     model = allmlp.create_model(name, num_classes=7, **overrides)
     with torch.no_grad():

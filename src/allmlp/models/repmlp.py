@@ -10,12 +10,14 @@ local convolutions and every BatchNorm on fc3 into fc3 (the authors' locality in
 state dict is the authors' `deploy=True` layout (fc3 with a bias, no fc3_bn, no repconv).
 
 Exactness: every op is the authors' (BatchNorm throughout, exact GELU in the FFN, ReLU after the stem and the
-downsampling convs, sigmoid gates); tokens are channels-last (B, H, W, C) between modules and every convolution
-and BatchNorm sees an NCHW view of them in channels_last memory, where oneDNN is fastest. fc3 is given the
-positions of a partition as its channels and the partition's channel sets as its spatial extent (one GEMM per
-partition, and no copy at all where a stage is one partition of one set), instead of the authors' one row per
-(partition, channel set); the sums are the same. Parity with an independent port of the authors' forward, in
-training and deploy form, is tested at 1e-5 (tests/test_repmlp.py).
+downsampling convs, sigmoid gates), including their reshape that, with several partitions per stage, reads a
+sample's (partition, chunk) rows back in (chunk, partition) order (see RepMLPBlock.forward). Tokens are
+channels-last (B, H, W, C) between modules and every convolution and BatchNorm sees an NCHW view of them in
+channels_last memory, where oneDNN is fastest. fc3 gets a sample's (set, position) pairs as channels and its
+(partition, chunk) rows as spatial extent (a view of the tokens where a stage is one partition of one set) and
+computes one matrix product per set; the local convs run as one depthwise convolution over all rows. Both are
+nn.Conv2d subclasses that compute exactly what nn.Conv2d computes. Parity with an independent port of the authors'
+forward, in training and deploy form, is tested at 1e-5 (tests/test_repmlp.py).
 """
 
 from __future__ import annotations
@@ -420,9 +422,13 @@ class RepMLPNet(ModelInterface, nn.Module):
                 f"// globalperceptron_reduce hidden units), got {globalperceptron_reduce!r}"
             )
         if reparam_conv_k is not None and (
-            not len(reparam_conv_k) or not all(isinstance(k, int) and k >= 1 and k % 2 for k in reparam_conv_k)
+            not len(reparam_conv_k)
+            or not all(isinstance(k, int) and k >= 1 and k % 2 for k in reparam_conv_k)
+            or len(set(reparam_conv_k)) != len(reparam_conv_k)
         ):
-            raise ValueError(f"reparam_conv_k must be None or a list of odd kernel sizes, got {reparam_conv_k!r}")
+            raise ValueError(
+                f"reparam_conv_k must be None or a list of distinct odd kernel sizes, got {reparam_conv_k!r}"
+            )
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
         if not 0.0 <= drop_path_rate < 1.0:
