@@ -31,6 +31,10 @@ SMALL = {
             mlp_ratios=[2, 2],
         ),
     ),  # fmt: skip
+    "RepMLPNet": (  # two partitions of 4 x 4 in the first stage, one in the second
+        "repmlpnet_t224",
+        dict(img_size=[32, 16], num_blocks=[1, 1], channels=[8, 16], hs=[4, 4], ws=[4, 2], sharesets_nums=[2, 4]),
+    ),
 }
 
 

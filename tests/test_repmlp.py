@@ -12,7 +12,7 @@ from torch import nn
 
 import allmlp
 from allmlp.cli import main as cli
-from allmlp.models.repmlp import CONFIGS, GroupedPointwiseConv, RepMLPBlock, RowwiseDepthwiseConv
+from allmlp.models.repmlp import CONFIGS, DepthwiseConv, GroupedPointwiseConv, RepMLPBlock
 from allmlp.tools.convert import convert
 
 from helpers import onnx_outputs, published_shapes, randomise
@@ -122,9 +122,9 @@ def test_grouped_pointwise_conv_is_nn_conv2d():
                 torch.testing.assert_close(conv(strided), plain(strided), atol=1e-5, rtol=1e-5)
 
 
-def test_rowwise_depthwise_conv_is_nn_conv2d():
-    for channels, k, bias in ((1, 3, False), (4, 1, True), (3, 5, True)):
-        conv = RowwiseDepthwiseConv(channels, k, k // 2, bias)
+def test_depthwise_conv_is_nn_conv2d():
+    for channels, k, bias in ((1, 3, False), (1, 5, True), (4, 1, True), (3, 5, True), (1, 1, False)):
+        conv = DepthwiseConv(channels, k, k // 2, bias)
         randomise(conv)
         plain = nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels, bias=bias)
         plain.load_state_dict(conv.state_dict())

@@ -15,8 +15,8 @@ sample's (partition, chunk) rows back in (chunk, partition) order (see RepMLPBlo
 channels-last (B, H, W, C) between modules and every convolution and BatchNorm sees an NCHW view of them in
 channels_last memory, where oneDNN is fastest. fc3 gets a sample's (set, position) pairs as channels and its
 (partition, chunk) rows as spatial extent (a view of the tokens where a stage is one partition of one set) and
-computes one matrix product per set; the local convs run as one depthwise convolution over all rows. Both are
-nn.Conv2d subclasses that compute exactly what nn.Conv2d computes. Parity with an independent port of the authors'
+computes one matrix product per set; one-channel and 1x1 local convs are sums of shifted inputs. Both are
+nn.Conv2d subclasses that compute what nn.Conv2d computes. Parity with an independent port of the authors'
 forward, in training and deploy form, is tested at 1e-5 (tests/test_repmlp.py).
 """
 
@@ -53,28 +53,37 @@ CONFIGS = {
 }  # fmt: skip
 
 
-class RowwiseDepthwiseConv(nn.Conv2d):
-    """A depthwise Conv2d (groups == in_channels == out_channels; the local convs `repconv{k}.conv`) computed as
-    one depthwise convolution over the channels of all samples side by side: the same function as nn.Conv2d on
-    any input. The local convs run on one row per partition and chunk with only S channels each (S = 1 in the
-    first stage), where oneDNN's batched convolution is ~50x slower than a depthwise one over a channels-last view
-    of all rows (which the block hands in: rows x sets innermost in memory, so the reshape below is a view)."""
+class DepthwiseConv(nn.Conv2d):
+    """A depthwise, stride-1, zero-padded Conv2d (the local convs `repconv{k}.conv`: groups == in_channels ==
+    out_channels), the same function as nn.Conv2d on any input. With one channel or a 1x1 kernel it is computed as
+    a sum of shifted copies of the input times its taps, in the input's channels-last layout (which the block
+    hands in): oneDNN runs those cases, a batch of thousands of one-channel images in the first stage, some 10x
+    slower. Otherwise it is nn.Conv2d's own convolution."""
 
     def __init__(self, channels: int, kernel_size: int, padding: int, bias: bool = False):
         super().__init__(channels, channels, kernel_size, 1, padding, groups=channels, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows, channels, height, width = x.shape
-        wide = x.reshape(1, rows * channels, height, width)
-        bias = None if self.bias is None else self.bias.repeat(rows)
-        out = F.conv2d(wide, self.weight.repeat(rows, 1, 1, 1), bias, self.stride, self.padding, self.dilation,
-                       rows * channels)  # fmt: skip
-        return out.reshape(rows, channels, out.shape[2], out.shape[3])
+        k_h, k_w = self.kernel_size
+        if self.in_channels != 1 and k_h * k_w != 1:
+            return super().forward(x)
+        p_h, p_w = self.padding
+        height, width = x.shape[2] + 2 * p_h - k_h + 1, x.shape[3] + 2 * p_w - k_w + 1
+        padded = F.pad(x.permute(2, 3, 0, 1), (0, 0, 0, 0, p_w, p_w, p_h, p_h))  # (H, W, B, C): pad W, then H
+        taps = self.weight[:, 0].permute(1, 2, 0)  # (k_h, k_w, C)
+        out = padded[0:height, 0:width] * taps[0, 0]
+        for dy in range(k_h):
+            for dx in range(k_w):
+                if dy or dx:
+                    out = out + padded[dy : dy + height, dx : dx + width] * taps[dy, dx]
+        if self.bias is not None:
+            out = out + self.bias
+        return out.permute(2, 3, 0, 1)
 
 
 class ConvBN(nn.Sequential):
     """The authors' conv_bn / conv_bn_relu: a bias-free Conv2d (`conv`), BatchNorm2d (`bn`), optionally ReLU; NCHW.
-    `depthwise`: the conv is a RowwiseDepthwiseConv (groups == channels)."""
+    `depthwise`: the conv is a DepthwiseConv (groups == channels, stride 1)."""
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, groups=1, relu=False,
@@ -82,7 +91,7 @@ class ConvBN(nn.Sequential):
     ):  # fmt: skip
         super().__init__()
         if depthwise:
-            self.conv = RowwiseDepthwiseConv(in_channels, kernel_size, padding)
+            self.conv = DepthwiseConv(in_channels, kernel_size, padding)
         else:
             self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
