@@ -153,7 +153,7 @@ class _TimmStyleMLP(PatchTokenMLP):
         global_pool: str,
     ) -> tuple[tuple[int, int], tuple[int, int]]:
         size, patch = to_pair(img_size, "img_size"), to_pair(patch_size, "patch_size")
-        self._setup(family, size, patch, in_chans, num_classes, embed_dim, num_blocks, global_pool)
+        self._setup(family, size, patch, in_chans, num_classes, embed_dim, num_blocks, global_pool, "num_blocks")
         for name, value in (("drop_rate", drop_rate), ("proj_drop_rate", proj_drop_rate)):
             check_rate(name, value)
         check_rate("drop_path_rate", drop_path_rate)

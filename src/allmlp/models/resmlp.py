@@ -118,11 +118,10 @@ class PatchTokenMLP(ModelInterface, nn.Module):
         embed_dim: int,
         depth: int,
         global_pool: str,
+        depth_name: str = "depth",
     ) -> None:
         """Checks and the interface attributes; call before building the modules (sets `grid_size`)."""
-        check_positive_ints(in_chans=in_chans, embed_dim=embed_dim)
-        if depth is not None:
-            check_positive_ints(depth=depth)
+        check_positive_ints(**{"in_chans": in_chans, "embed_dim": embed_dim, depth_name: depth})
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0 (0: no head), got {num_classes!r}")
         if img_size[0] < patch_size[0] or img_size[1] < patch_size[1]:
