@@ -262,7 +262,7 @@ def test_init_follows_the_authors():
     with torch.device("meta"):
         for name, scale in FB_INIT_SCALES.items():
             model = allmlp.create_model(name)
-            assert model.blocks[0].gamma_1.shape == (model.num_features,)
+            assert model.blocks[0].gamma_1.shape == (model.num_features,) and model.config["init_scale"] == scale
     model = allmlp.create_model("resmlp_12_224")
     assert torch.all(model.blocks[3].gamma_2 == 0.1) and torch.all(model.blocks[3].gamma_1 == 0.1)
     assert torch.all(model.norm.alpha == 1) and torch.all(model.blocks[0].norm1.beta == 0)
