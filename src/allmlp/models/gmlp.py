@@ -163,6 +163,10 @@ class _TimmStyleMLP(PatchTokenMLP):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         return size, patch
 
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return self.stem(x)
+
     def _config(self, img_size, patch_size, **rest) -> dict:
         return dict(
             img_size=img_size if isinstance(img_size, int) else list(img_size),

@@ -101,7 +101,8 @@ class PatchTokenMLP(ModelInterface, nn.Module):
     """What the isotropic patch-token families (ResMLP, gMLP, gMixer) share: a stem giving (B, S, C) tokens,
     `blocks` (an nn.Sequential), a final norm, mean over tokens, head; the blocks are the intermediate outputs.
 
-    A subclass sets `stem_name` (its stem module's attribute), builds the modules and calls `_setup`.
+    A subclass sets `stem_name` (its stem module's attribute), builds the modules, calls `_setup` and implements
+    `_embed` (`_check_input`, then the stem, called by name so TorchScript compiles it).
     """
 
     token_format = "NLC"
@@ -147,10 +148,6 @@ class PatchTokenMLP(ModelInterface, nn.Module):
 
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=rf"^{self.stem_name}", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
-
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        return getattr(self, self.stem_name)(x)
 
     def _feature_stages(self) -> list[list[nn.Module]]:
         return [[block] for block in self.blocks]
@@ -231,6 +228,10 @@ class ResMLP(PatchTokenMLP):
         self.head_drop = nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return self.patch_embed(x)
 
     @torch.no_grad()
     def init_weights(self) -> None:
