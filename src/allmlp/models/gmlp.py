@@ -1,8 +1,9 @@
 """gMLP (Liu et al., "Pay Attention to MLPs", NeurIPS 2021, arXiv 2105.08050) and gMixer, as timm implements them.
 
-There is no official gMLP vision code and no official weights; the weights in use are timm's (`gmlp_s16_224.ra3_in1k`,
-`gmixer_24_224.ra3_in1k`, trained by Ross Wightman), so these models match timm's implementation
-(`timm/models/mlp_mixer.py`, timm 1.0) exactly, with timm's module names as their own: timm's files load unchanged.
+There is no official gMLP vision code and there are no official weights; the weights in use are timm's
+(`gmlp_s16_224.ra3_in1k`, `gmixer_24_224.ra3_in1k`, trained by Ross Wightman), so these models match timm's
+implementation (`timm/models/mlp_mixer.py`; the tests compare against timm 1.0.31 at 1e-5) exactly, with timm's
+module names as their own: timm's files load unchanged.
 
 - gMLP block on (B, S, C) tokens: x + fc2(SGU(GELU(fc1(LayerNorm(x))))), where the spatial gating unit splits the
   hidden channels into halves u, v and returns u * proj(LayerNorm(v)) with `proj` an nn.Linear across the tokens.
