@@ -251,7 +251,10 @@ def _fb_release(tag: str, file: str, trained_on: str, top1: float | None) -> obj
 def _timm_release(name: str, tag: str, trained_on: str, top1: float | None) -> object:
     """timm's Hugging Face copy of an FB release (safetensors in timm's names; loads through the renaming)."""
     url = f"https://huggingface.co/timm/{name}.{tag}/resolve/main/model.safetensors"
-    return hosted(f"timm:{tag}", f"timm {name}.{tag} (FB's weights, timm's names)", 1000, trained_on, top1, url)
+    source = f"timm {name}.{tag} (FB's weights in timm's names"
+    if name == "resmlp_12_224":  # the only variant whose timm constructor differs from FB's in the layer-scale init
+        source += "; timm's own resmlp_12_224 starts its layer scale at 1e-4, FB's at 0.1"
+    return hosted(f"timm:{tag}", source + ")", 1000, trained_on, top1, url)
 
 
 _DIST = "ImageNet-1k from scratch with DeiT's distillation from a convnet teacher"
