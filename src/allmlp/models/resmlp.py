@@ -258,10 +258,7 @@ def _timm_release(name: str, tag: str, trained_on: str, top1: float | None) -> o
 
 
 _DIST = "ImageNet-1k from scratch with DeiT's distillation from a convnet teacher"
-_DINO = (
-    "ImageNet-1k self-supervised (DINO), not fine-tuned: the head is no ImageNet classifier (published: k-NN "
-    "top-1 {knn})"
-)
+_DINO = "ImageNet-1k self-supervised (DINO), not fine-tuned (published: k-NN top-1 {knn}, not a classifier's top-1)"
 _22K = "ImageNet-22k pre-training, fine-tuned on ImageNet-1k"
 # Published top-1 (paper Table 4 and README_resmlp.md): without distillation, with distillation, DINO k-NN.
 _RELEASES = {
