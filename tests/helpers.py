@@ -122,6 +122,21 @@ def tiny_vip(**overrides) -> nn.Module:
     return allmlp.VisionPermutator(**{**config, **overrides})
 
 
+def tiny_resmlp(**overrides) -> nn.Module:
+    config = dict(img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=16, depth=2, init_scale=0.1)
+    return allmlp.ResMLP(**{**config, **overrides})
+
+
+def tiny_gmlp(**overrides) -> nn.Module:
+    config = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=16, num_blocks=2, mlp_ratio=3)
+    return allmlp.GMLP(**{**config, **overrides})
+
+
+def tiny_gmixer(**overrides) -> nn.Module:
+    config = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=16, num_blocks=2, mlp_ratio=[1.0, 4.0])
+    return allmlp.GMixer(**{**config, **overrides})
+
+
 # A recipe's model section: a 1-block Mixer for the grey 28x28 demo digits (tiny, for CLI and engine tests).
 TINY_DEMO_MODEL = {
     "name": "mixer_s16_224",

@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize, prune
 import allmlp
 from allmlp.models.registry import ARCHITECTURES
 
-from helpers import randomise, tiny_cyclemlp, tiny_mixer, tiny_vip
+from helpers import randomise, tiny_cyclemlp, tiny_gmixer, tiny_gmlp, tiny_mixer, tiny_resmlp, tiny_vip
 
 BATCH = 2
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
@@ -102,6 +102,33 @@ FAMILIES = {
         "network.2.0.mlp.fc2",
         "vip_s7",
         dict(layers=[1, 1, 1, 1]),
+        stage_counts=2,
+    ),
+    "resmlp": Family(
+        tiny_resmlp,
+        (32, 32),
+        "ResMLP",
+        "blocks.1.mlp.fc2",
+        "resmlp_12_224",
+        dict(depth=2, img_size=64, embed_dim=16),
+        stage_counts=2,
+    ),
+    "gmlp": Family(
+        tiny_gmlp,
+        (32, 32),
+        "GMLP",
+        "blocks.1.mlp_channels.fc2",
+        "gmlp_ti16_224",
+        dict(num_blocks=2, img_size=64, embed_dim=16),
+        stage_counts=2,
+    ),
+    "gmixer": Family(
+        tiny_gmixer,
+        (32, 32),
+        "GMixer",
+        "blocks.1.mlp_channels.fc2",
+        "gmixer_12_224",
+        dict(num_blocks=2, img_size=64, embed_dim=16),
         stage_counts=2,
     ),
 }
@@ -737,6 +764,9 @@ EXPORT_SIZES = {  # (batch, height, width) the dynamic program is checked at
     "cyclemlp": [(1, 35, 35), (3, 40, 64), (2, 64, 64), (1, 97, 50)],
     "cyclemlp_fork": [(1, 35, 35), (2, 41, 70), (1, 64, 64)],
     "vip": [(1, 28, 28), (3, 28, 28), (5, 28, 28)],
+    "resmlp": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
+    "gmlp": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
+    "gmixer": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
 }
 # CycleMLP's documented dynamic height/width range (README): every stage grid at least 2x2, i.e. H, W >= 35
 STAGED_DYNAMIC_MIN = 35
@@ -852,8 +882,8 @@ def test_forward_intermediates(family):
     # norm=True: the last stage normalised is the final features
     (last,) = taken([-1], norm=True)
     torch.testing.assert_close(last, to_nchw(features, *grid(model, count - 1, size)), atol=1e-6, rtol=1e-6)
-    # the token formats: Mixer NLC, the staged families NHWC
-    fmt = "NLC" if family == "mixer" else "NHWC"
+    # the token formats: the isotropic families (Mixer, ResMLP, gMLP, gMixer) NLC, the staged families NHWC
+    fmt = model.token_format
     for got, expected in zip(taken(None, output_fmt=fmt), maps, strict=True):
         if fmt == "NLC":
             assert got.ndim == 3
@@ -1110,7 +1140,7 @@ def test_stage_activations_are_batch_first(family):
     for i, name in enumerate(names):
         h, w = grid(model, i, size)
         channels = model.feature_info[i]["num_chs"]
-        if family == "mixer":
+        if model.token_format == "NLC":
             assert outputs[name].shape == inputs_batch[name].shape == (3, h * w, channels), name
         else:
             assert outputs[name].shape == (3, h, w, channels), name

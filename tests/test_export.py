@@ -31,6 +31,9 @@ SMALL = {
             mlp_ratios=[2, 2],
         ),
     ),  # fmt: skip
+    "ResMLP": ("resmlp_12_224", dict(img_size=(16, 24), patch_size=4, embed_dim=16, depth=2)),
+    "GMLP": ("gmlp_s16_224", dict(img_size=(16, 24), patch_size=4, embed_dim=16, num_blocks=2)),
+    "GMixer": ("gmixer_24_224", dict(img_size=(16, 24), patch_size=4, embed_dim=16, num_blocks=2)),
 }
 
 

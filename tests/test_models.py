@@ -18,7 +18,9 @@ def build(name: str, full_depth_limit: int = FULL_DEPTH_LIMIT) -> torch.nn.Modul
         params = sum(p.numel() for p in allmlp.create_model(name).parameters())
     overrides = {}
     if params > full_depth_limit:
-        overrides = {"num_blocks": 2} if name.startswith("mixer_") else {"layers": [1, 1, 1, 1]}
+        config = allmlp.get_entry(name).config  # isotropic families: fewer blocks; staged ones: one per stage
+        depth = next((key for key in ("num_blocks", "depth") if key in config), None)
+        overrides = {depth: 2} if depth else {"layers": [1, 1, 1, 1]}
     torch.manual_seed(0)
     model = allmlp.create_model(name, num_classes=7, **overrides)
     with torch.no_grad():

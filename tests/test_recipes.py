@@ -21,6 +21,7 @@ EXPECTED = {
     "mixer_cifar10_scratch",
     "cyclemlp_b1_i1k",
     "vip_s7_i1k",
+    "resmlp_12_224_i1k",
 }
 
 
@@ -98,3 +99,11 @@ def test_cyclemlp_and_vip_recipes():
     assert cyc.optim.lr * 512 / cyc.train.batch_size == 5e-4 and cyc.schedule.warmup_epochs == 5
     assert vip.optim.lr == 2e-3 and vip.train.batch_size == 2048 and vip.schedule.warmup_epochs == 20
     assert vip.data.crop_pct == 0.9
+
+
+def test_resmlp_recipe_has_the_papers_settings():
+    cfg = load_config("resmlp_12_224_i1k")
+    assert cfg.model.name == "resmlp_12_224"
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("lamb", 5e-3, 0.2)
+    assert (cfg.train.batch_size, cfg.train.epochs) == (2048, 400)
+    assert cfg.data.crop_pct == 0.9 == allmlp.get_entry("resmlp_12_224").preprocessing.crop_pct

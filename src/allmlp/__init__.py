@@ -1,8 +1,11 @@
 """allmlp: all-MLP vision models (MLP-Mixer, CycleMLP, Vision Permutator) with their published weights."""
 
 from .models import (
+    GMLP,
     CycleMLP,
+    GMixer,
     MlpMixer,
+    ResMLP,
     VisionPermutator,
     create_model,
     get_entry,
@@ -16,7 +19,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CycleMLP",
+    "GMLP",
+    "GMixer",
     "MlpMixer",
+    "ResMLP",
     "VisionPermutator",
     "WeightsError",
     "adapt_resolution",

@@ -1,15 +1,20 @@
 from .cyclemlp import CycleMLP
+from .gmlp import GMLP, GMixer
 from .mixer import MlpMixer
 from .optimize import optimize_for_inference
 from .registry import REGISTRY, ModelEntry, Preprocessing, WeightRelease, create_model, get_entry, list_models
+from .resmlp import ResMLP
 from .vip import VisionPermutator
 
 __all__ = [
     "REGISTRY",
     "CycleMLP",
+    "GMLP",
+    "GMixer",
     "MlpMixer",
     "ModelEntry",
     "Preprocessing",
+    "ResMLP",
     "VisionPermutator",
     "WeightRelease",
     "create_model",
