@@ -1,11 +1,13 @@
 from .cyclemlp import CycleMLP
 from .mixer import MlpMixer
+from .msmlp import MSMLP
 from .optimize import optimize_for_inference
 from .registry import REGISTRY, ModelEntry, Preprocessing, WeightRelease, create_model, get_entry, list_models
 from .vip import VisionPermutator
 
 __all__ = [
     "REGISTRY",
+    "MSMLP",
     "CycleMLP",
     "MlpMixer",
     "ModelEntry",
