@@ -45,10 +45,16 @@ class AuthorsMixShiftBlock(nn.Module):
         self.chunk_size = [c.shape[0] for c in torch.chunk(torch.zeros(dim), shift_size)]
         kernels = [(k, k // 2) for k in mix_size]
         self.dwconv_lr = nn.ModuleList(
-            [nn.Conv2d(c, c, kernel_size=k[0], padding=k[1], groups=c) for c, k in zip(self.chunk_size, kernels)]
+            [
+                nn.Conv2d(c, c, kernel_size=k[0], padding=k[1], groups=c)
+                for c, k in zip(self.chunk_size, kernels, strict=False)
+            ]
         )
         self.dwconv_td = nn.ModuleList(
-            [nn.Conv2d(c, c, kernel_size=k[0], padding=k[1], groups=c) for c, k in zip(self.chunk_size, kernels)]
+            [
+                nn.Conv2d(c, c, kernel_size=k[0], padding=k[1], groups=c)
+                for c, k in zip(self.chunk_size, kernels, strict=False)
+            ]
         )
         self.norm = AuthorsLayerNorm(dim)
         self.pwconv1 = nn.Linear(dim, int(mlp_ratio * dim))
@@ -60,8 +66,8 @@ class AuthorsMixShiftBlock(nn.Module):
     def forward(self, x):
         shortcut = x
         groups = torch.chunk(x, self.shift_size, 1)
-        lr = [torch.roll(g, s, 3) for g, s in zip(groups, self.shift_dist)]
-        td = [torch.roll(g, s, 2) for g, s in zip(groups, self.shift_dist)]
+        lr = [torch.roll(g, s, 3) for g, s in zip(groups, self.shift_dist, strict=False)]
+        td = [torch.roll(g, s, 2) for g, s in zip(groups, self.shift_dist, strict=False)]
         for i in range(self.shift_size):
             lr[i] = self.dwconv_lr[i](lr[i])
             td[i] = self.dwconv_td[i](td[i])

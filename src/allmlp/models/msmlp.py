@@ -64,13 +64,6 @@ def chunk_sizes(channels: int, groups: int) -> list[int]:
     return [min(step, channels - start) for start in range(0, channels, step)]
 
 
-def roll(x: torch.Tensor, shift: int, dim: int) -> torch.Tensor:
-    """torch.roll(x, shift, dim) as two slices and a cat: element i moves to (i + shift) mod size."""
-    size = x.shape[dim]
-    cut = size - shift % size
-    return torch.cat([x.narrow(dim, cut, size - cut), x.narrow(dim, 0, cut)], dim=dim)
-
-
 class PatchEmbed(nn.Module):
     """A conv with kernel = stride = patch_size, then a LayerNorm over channels: the image (B, C, H, W) or
     channels-last tokens (B, H, W, C) -> tokens (B, H / p, W / p, embed_dim). The authors' stem and (with patch 2)
@@ -84,7 +77,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tokens_in:
-            x = x.permute(0, 3, 1, 2)
+            # contiguous NCHW, not a channels-last view: Opacus reads a (non-grouped) conv's input as contiguous
+            # NCHW memory for per-sample gradients and is silently wrong otherwise; one copy per stage transition
+            x = x.permute(0, 3, 1, 2).contiguous()
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
@@ -92,13 +87,15 @@ class MixShiftBlock(nn.Module):
     """The mix-shift block on channels-last tokens: x + gamma * MLP(norm(sum over directions of the rolled and
     depthwise-mixed channel groups))."""
 
+    __constants__ = ["chunks", "shift_dist"]  # tuples TorchScript unrolls the group loop over
+
     def __init__(
         self, dim: int, shift_dist: Sequence[int], mix_size: Sequence[int], mlp_ratio: float, drop_path: float = 0.0
     ):
         super().__init__()
         self.dim = dim
-        self.chunks = chunk_sizes(dim, len(shift_dist))
-        self.shift_dist = [int(shift) for shift in shift_dist]
+        self.chunks = tuple(chunk_sizes(dim, len(shift_dist)))
+        self.shift_dist = tuple(int(shift) for shift in shift_dist)
         self.dwconv_lr = nn.ModuleList(
             nn.Conv2d(c, c, kernel_size=k, padding=k // 2, groups=c) for c, k in zip(self.chunks, mix_size, strict=True)
         )
@@ -116,21 +113,23 @@ class MixShiftBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mixed = []
         start = 0
-        for i, mix_lr in enumerate(self.dwconv_lr):
-            size = self.chunks[i]
-            shift = self.shift_dist[i]
+        # equal lengths by construction; TorchScript's zip takes no strict=
+        for mix_lr, mix_td, size, shift in zip(self.dwconv_lr, self.dwconv_td, self.chunks, self.shift_dist):  # noqa: B905
             group = x.narrow(3, start, size).permute(0, 3, 1, 2)  # (B, c, H, W), channels-last in memory
             start += size
             if shift == 0:
                 along_width, along_height = group, group
             else:
-                along_width, along_height = roll(group, shift, 3), roll(group, shift, 2)
-            mixed.append((mix_lr(along_width) + self.dwconv_td[i](along_height)).permute(0, 2, 3, 1))
+                along_width, along_height = (
+                    torch.roll(group, shift % group.shape[3], 3),
+                    torch.roll(group, shift % group.shape[2], 2),
+                )
+            mixed.append((mix_lr(along_width) + mix_td(along_height)).permute(0, 2, 3, 1))
         y = self.pwconv2(self.act(self.pwconv1(self.norm(torch.cat(mixed, dim=3)))))
         return x + self.drop_path(y * self.gamma)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, chunks={self.chunks}, shift_dist={self.shift_dist}"
+        return f"dim={self.dim}, chunks={list(self.chunks)}, shift_dist={list(self.shift_dist)}"
 
 
 class BasicLayer(nn.Module):
