@@ -31,6 +31,10 @@ SMALL = {
             mlp_ratios=[2, 2],
         ),
     ),  # fmt: skip
+    "MSMLP": (  # 32 = the smallest input of 4 stages at patch 4; shifts of 2 wrap the 1x1 and 2x2 grids
+        "msmlp_t",
+        dict(img_size=32, embed_dim=10, depths=[1, 1, 1, 1], mlp_ratio=2),
+    ),
 }
 
 
