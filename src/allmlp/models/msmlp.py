@@ -21,8 +21,10 @@ The authors' code, not the paper, decides what is computed (the paper mixes firs
 - `drop_rate` is dropout after the patch embedding (their `pos_drop`); nothing drops before the head.
 
 Here tokens stay channels-last (B, H, W, C) through the stages: the Linear layers need no permutes, and each
-group's rolled slice enters its depthwise conv as a channels-last NCHW view. The roll is two slices and a cat
-(no index tables). Module and parameter names are the authors', so their checkpoints load unchanged. The
+group's rolled slice enters its depthwise conv as a channels-last NCHW view. The roll is torch.roll (on CPU a
+slice-and-cat copy, no index table) by the shift reduced modulo the map size, which keeps the TorchScript-based
+ONNX exporter exact (its Roll assumes |shift| < size; at 224 the released models never roll further, small inputs
+do). Module and parameter names are the authors', so their checkpoints load unchanged. The
 authors' `PatchEmbed` asserts the `img_size` it was built for; nothing else in the model depends on the input
 size, so allmlp takes any size from patch_size * 2 ** (stages - 1) up and computes what the authors' model
 built for that `img_size` computes (tested on odd sizes).
