@@ -137,6 +137,22 @@ def tiny_gmixer(**overrides) -> nn.Module:
     return allmlp.GMixer(**{**config, **overrides})
 
 
+def tiny_msmlp(**overrides) -> nn.Module:
+    config = dict(
+        img_size=32,
+        patch_size=4,
+        num_classes=10,
+        embed_dim=10,
+        depths=[1, 1, 1, 1],
+        shift_size=5,
+        shift_dist=[-2, -1, 0, 1, 2],
+        mix_size=[[1, 3, 5, 7, 3], [3, 1, 5, 3, 7], [5, 3, 1, 3, 3], [3, 3, 3, 1, 1]],
+        mlp_ratio=2,
+        drop_path_rate=0.0,
+    )
+    return allmlp.MSMLP(**{**config, **overrides})
+
+
 # A recipe's model section: a 1-block Mixer for the grey 28x28 demo digits (tiny, for CLI and engine tests).
 TINY_DEMO_MODEL = {
     "name": "mixer_s16_224",

@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize, prune
 import allmlp
 from allmlp.models.registry import ARCHITECTURES
 
-from helpers import randomise, tiny_cyclemlp, tiny_gmixer, tiny_gmlp, tiny_mixer, tiny_resmlp, tiny_vip
+from helpers import randomise, tiny_cyclemlp, tiny_gmixer, tiny_gmlp, tiny_mixer, tiny_msmlp, tiny_resmlp, tiny_vip
 
 BATCH = 2
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
@@ -62,6 +62,9 @@ class Family:
     classifier: bool = True  # False: a dense backbone (fork_feat) without pooling or head
     fixed_input_size: bool = True
     stage_counts: int = 0  # how many feature_info entries the tiny model has
+    norm_after_pool: bool = False  # the final norm follows the pooling (per-token logits: head(norm(token)))
+    smallest_input: int = 3  # any-size families: the smallest height and width the model takes
+    dynamic_min: int = 35  # any-size families: the smallest side of the dynamic export range (stage grids >= 2)
 
 
 FAMILIES = {
@@ -130,6 +133,19 @@ FAMILIES = {
         "gmixer_12_224",
         dict(num_blocks=2, img_size=64, embed_dim=16),
         stage_counts=2,
+    ),
+    "msmlp": Family(
+        tiny_msmlp,
+        (32, 32),
+        "MSMLP",
+        "layers.3.blocks.0.pwconv2",
+        "msmlp_t",
+        dict(depths=[1, 1, 1, 1]),
+        fixed_input_size=False,
+        stage_counts=4,
+        norm_after_pool=True,
+        smallest_input=32,
+        dynamic_min=64,
     ),
 }
 CLASSIFIERS = [name for name, family in FAMILIES.items() if family.classifier]
@@ -767,9 +783,8 @@ EXPORT_SIZES = {  # (batch, height, width) the dynamic program is checked at
     "resmlp": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
     "gmlp": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
     "gmixer": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
+    "msmlp": [(1, 64, 64), (3, 70, 96), (2, 128, 64), (1, 97, 66)],
 }
-# CycleMLP's documented dynamic height/width range (README): every stage grid at least 2x2, i.e. H, W >= 35
-STAGED_DYNAMIC_MIN = 35
 STAGED = [name for name, family in FAMILIES.items() if not family.fixed_input_size]
 
 
@@ -789,43 +804,49 @@ def assert_exported_matches(family: str, exported: nn.Module, model: nn.Module, 
 
 @ALL
 def test_torch_export_with_dynamic_shapes(family):
-    """A dynamic batch everywhere; CycleMLP also a dynamic height and width over its documented range."""
+    """A dynamic batch everywhere; the any-size families also a dynamic height and width over their documented range
+    (CycleMLP's README: every stage grid at least 2x2, i.e. H, W >= 35; MS-MLP: >= 64)."""
     from torch.export import Dim
 
     model = make(family).eval()
     dynamic = {0: Dim("batch", min=1, max=64)}
     example = image(family)
     if family in STAGED:
-        dynamic |= {2: Dim("height", min=STAGED_DYNAMIC_MIN, max=256), 3: Dim("width", min=STAGED_DYNAMIC_MIN, max=256)}
+        low = FAMILIES[family].dynamic_min
+        dynamic |= {2: Dim("height", min=low, max=256), 3: Dim("width", min=low, max=256)}
         example = image(family, size=(64, 64))
     assert_exported_matches(family, export(model, example, dynamic), model, EXPORT_SIZES[family])
 
 
 @pytest.mark.parametrize("family", STAGED)
 def test_cyclemlp_export_at_the_smallest_input(family):
-    """3x3, the smallest input CycleMLP takes (every stage grid 1x1), exports with a static size."""
+    """The smallest input an any-size family takes (every stage grid 1x1; CycleMLP 3x3, MS-MLP 32x32) exports with a
+    static size."""
     from torch.export import Dim
 
     model = make(family).eval()
-    exported = export(model, image(family, size=(3, 3)), {0: Dim("batch", min=1, max=64)})
-    assert_exported_matches(family, exported, model, [(1, 3, 3), (3, 3, 3)])
+    side = FAMILIES[family].smallest_input
+    exported = export(model, image(family, size=(side, side)), {0: Dim("batch", min=1, max=64)})
+    assert_exported_matches(family, exported, model, [(1, side, side), (3, side, side)])
 
 
 @pytest.mark.parametrize("family", STAGED)
 @pytest.mark.xfail(
     strict=True,
-    reason="one program cannot cover 3x3 inputs (1x1 grids) and larger ones: torch.export guards grid != 1 in "
-    "Cycle FC, "
-    "whose shift is a depthwise conv on a channels-last view (with a conv-free shift the classifier exports over "
-    "3..256; fork_feat still guards in Cycle FC under forward_intermediates)",
+    reason="one program cannot cover the smallest inputs (1x1 grids) and larger ones: torch.export guards grid != 1 "
+    "in a depthwise conv on a channels-last view (CycleMLP's Cycle FC shift, MS-MLP's mixing convs; with a "
+    "conv-free shift the CycleMLP classifier exports over 3..256; fork_feat still guards in Cycle FC under "
+    "forward_intermediates)",
 )
 def test_cyclemlp_export_dynamic_down_to_3x3(family):
     from torch.export import Dim
 
     model = make(family).eval()
-    dynamic = {0: Dim("batch", min=1, max=64), 2: Dim("height", min=3, max=256), 3: Dim("width", min=3, max=256)}
+    side = FAMILIES[family].smallest_input  # CycleMLP: 3x3
+    dynamic = {0: Dim("batch", min=1, max=64), 2: Dim("height", min=side, max=256), 3: Dim("width", min=side, max=256)}
     exported = export(model, image(family), dynamic, oblivious=True)
-    assert_exported_matches(family, exported, model, [(1, 3, 3), (3, 17, 40), (2, 32, 32), (1, 64, 48)])
+    sizes = [(1, side, side), (3, side + 14, side + 37), (2, side + 29, side + 29), (1, side + 61, side + 45)]
+    assert_exported_matches(family, exported, model, sizes)
 
 
 @ALL
@@ -999,8 +1020,13 @@ def test_global_pool_and_reset_classifier(family):
         features = model.forward_features(x)
     assert pooled.shape == (BATCH, 10)
     assert per_token.shape == (*features.shape[:-1], 10) and per_token.ndim >= 3
-    torch.testing.assert_close(per_token, model.get_classifier()(features), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(per_token.reshape(BATCH, -1, 10).mean(1), pooled, atol=1e-5, rtol=1e-5)
+    if FAMILIES[family].norm_after_pool:  # the norm of pooled features (MS-MLP) normalises each token instead
+        torch.testing.assert_close(per_token, model.get_classifier()(model.norm(features)), atol=1e-6, rtol=1e-6)
+        pooled_features = model.norm(features.mean(dim=tuple(range(1, features.ndim - 1))))
+        torch.testing.assert_close(pooled, model.get_classifier()(pooled_features), atol=1e-6, rtol=1e-6)
+    else:
+        torch.testing.assert_close(per_token, model.get_classifier()(features), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(per_token.reshape(BATCH, -1, 10).mean(1), pooled, atol=1e-5, rtol=1e-5)
 
     model.reset_classifier(5)
     assert model.num_classes == 5 and model(x).shape == (BATCH, 5)

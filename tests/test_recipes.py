@@ -22,6 +22,7 @@ EXPECTED = {
     "cyclemlp_b1_i1k",
     "vip_s7_i1k",
     "resmlp_12_224_i1k",
+    "msmlp_t_i1k",
 }
 
 
@@ -107,3 +108,15 @@ def test_resmlp_recipe_has_the_papers_settings():
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("lamb", 5e-3, 0.2)
     assert (cfg.train.batch_size, cfg.train.epochs) == (2048, 400)
     assert cfg.data.crop_pct == 0.9 == allmlp.get_entry("resmlp_12_224").preprocessing.crop_pct
+
+
+def test_msmlp_recipe_follows_the_authors_config():
+    cfg = load_config("msmlp_t_i1k")
+    assert cfg.model.name == "msmlp_t" and cfg.model.drop_path_rate == 0.1
+    assert (cfg.optim.name, cfg.optim.weight_decay, cfg.optim.clip_grad_norm) == ("adamw", 0.05, 5.0)
+    assert cfg.optim.lr * 512 / cfg.train.batch_size == 5e-4  # main.py's linear scaling
+    assert cfg.schedule.warmup_start_lr * 512 / cfg.train.batch_size == 5e-7
+    assert cfg.schedule.end_lr * 512 / cfg.train.batch_size == 5e-6
+    assert (cfg.schedule.warmup_epochs, cfg.train.epochs, cfg.train.label_smoothing) == (20, 300, 0.1)
+    assert (cfg.data.mixup_alpha, cfg.data.cutmix_alpha, cfg.data.random_erasing) == (0.8, 1.0, 0.25)
+    assert cfg.data.crop_pct == allmlp.get_entry("msmlp_t").preprocessing.crop_pct == 0.875

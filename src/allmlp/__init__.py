@@ -2,6 +2,7 @@
 
 from .models import (
     GMLP,
+    MSMLP,
     CycleMLP,
     GMixer,
     MlpMixer,
@@ -18,6 +19,7 @@ from .weights import WeightsError, load_weights, save_weights
 __version__ = "0.1.0"
 
 __all__ = [
+    "MSMLP",
     "CycleMLP",
     "GMLP",
     "GMixer",

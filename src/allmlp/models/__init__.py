@@ -1,6 +1,7 @@
 from .cyclemlp import CycleMLP
 from .gmlp import GMLP, GMixer
 from .mixer import MlpMixer
+from .msmlp import MSMLP
 from .optimize import optimize_for_inference
 from .registry import REGISTRY, ModelEntry, Preprocessing, WeightRelease, create_model, get_entry, list_models
 from .resmlp import ResMLP
@@ -8,6 +9,7 @@ from .vip import VisionPermutator
 
 __all__ = [
     "REGISTRY",
+    "MSMLP",
     "CycleMLP",
     "GMLP",
     "GMixer",
