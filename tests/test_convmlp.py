@@ -304,6 +304,19 @@ def test_torch_export_runs_at_other_sizes():
             torch.testing.assert_close(exported(x), reference(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("size", [(1, 1), (3, 5), (17, 9)])
+def test_torch_export_at_small_inputs(size):
+    """Inputs down to 1x1 (every grid 1x1) export with a static size and a dynamic batch."""
+    from torch.export import Dim
+
+    model, reference = pair(SMALL)
+    program = torch.export.export(model, (image(size),), dynamic_shapes=({0: Dim("batch", min=1, max=16)},))
+    with torch.no_grad():
+        for batch in (1, 3):
+            x = image(size, batch=batch)
+            torch.testing.assert_close(program.module()(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dynamo", [False, True])
 def test_onnx_export_reproduces_pytorch(tmp_path, dynamo):
     model, _ = pair(SMALL)

@@ -31,6 +31,10 @@ SMALL = {
             mlp_ratios=[2, 2],
         ),
     ),  # fmt: skip
+    "ConvMLP": (
+        "convmlp_s",
+        dict(img_size=37, blocks=[1, 1], dims=[8, 16], mlp_ratios=[2, 2], channels=8, n_conv_blocks=1),
+    ),
 }
 
 

@@ -17,8 +17,10 @@ def build(name: str, full_depth_limit: int = FULL_DEPTH_LIMIT) -> torch.nn.Modul
     with torch.device("meta"):
         params = sum(p.numel() for p in allmlp.create_model(name).parameters())
     overrides = {}
-    if params > full_depth_limit:
-        overrides = {"num_blocks": 2} if name.startswith("mixer_") else {"layers": [1, 1, 1, 1]}
+    if params > full_depth_limit:  # the family's depth argument: an int (Mixer) or one count per stage
+        config = allmlp.get_entry(name).config
+        depth = next(key for key in ("num_blocks", "layers", "blocks") if key in config)
+        overrides = {depth: 2 if isinstance(config[depth], int) else [1] * len(config[depth])}
     torch.manual_seed(0)
     model = allmlp.create_model(name, num_classes=7, **overrides)
     with torch.no_grad():

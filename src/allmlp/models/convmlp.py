@@ -67,7 +67,10 @@ class ConvTokenizer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+        # channels_last memory by permute + contiguous: the same copy as .contiguous(memory_format=...), which
+        # torch.func.vmap does not support
+        x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        return self.block(x).permute(0, 2, 3, 1)
 
 
 class ConvStage(nn.Module):
