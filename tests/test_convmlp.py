@@ -196,8 +196,12 @@ def test_features_only_at_every_stride():
         maps = model.eval()(torch.randn(1, 3, 99, 70))
     assert [tuple(m.shape[1:]) for m in maps] == [(64, 25, 18), (128, 13, 9), (256, 7, 5), (512, 4, 3)]
     early = allmlp.create_model("convmlp_s", features_only=True, out_indices=[0], blocks=[1, 1, 1], n_conv_blocks=1)
-    assert early.model.conv_stages is None and len(early.model.stages) == 0
+    assert isinstance(early.model.conv_stages, nn.Identity) and len(early.model.stages) == 0
     assert all(k.startswith("model.tokenizer.") for k in early.state_dict())
+    with torch.no_grad():
+        (tokenizer_map,) = early(torch.randn(1, 3, 99, 70))
+        assert early.model(torch.randn(1, 3, 99, 70)).shape == (1, 25, 18, 64)  # the pruned model: tokenizer tokens
+    assert tokenizer_map.shape == (1, 64, 25, 18)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,6 +246,18 @@ def test_released_file_loads_by_every_route(tmp_path):
         for model in (loaded, created, converted, again):
             torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(created.state_dict()["tokenizer.block.1.num_batches_tracked"], torch.tensor(12345))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["m", "l"])
+def test_released_m_and_l_files_load_and_convert(tmp_path, variant):
+    state = released_state_dict(variant)
+    path = tmp_path / f"convmlp_{variant}_imagenet.pth"
+    torch.save(state, path)
+    converted = convert(path, tmp_path / f"{variant}.safetensors")
+    assert converted.config == allmlp.create_model(f"convmlp_{variant}", device="meta").config
+    own = converted.state_dict()
+    assert all(torch.equal(own[key], value) for key, value in state.items())
 
 
 def test_released_weights_load_into_the_backbone_without_their_head(tmp_path):

@@ -302,9 +302,7 @@ class ConvMLP(ModelInterface, nn.Module):
 
     def _pipeline(self) -> list[tuple[str, nn.Module]]:
         """The modules in order, with their names (fewer after `prune_intermediate_layers`)."""
-        parts: list[tuple[str, nn.Module]] = [("tokenizer", self.tokenizer)]
-        if self.conv_stages is not None:
-            parts.append(("conv_stages", self.conv_stages))
+        parts: list[tuple[str, nn.Module]] = [("tokenizer", self.tokenizer), ("conv_stages", self.conv_stages)]
         parts.extend((f"stages.{i}", stage) for i, stage in enumerate(self.stages))
         return parts
 
@@ -334,7 +332,7 @@ class ConvMLP(ModelInterface, nn.Module):
         if last < len(self.feature_info) - 1:
             self.norm = nn.Identity()  # the final norm has the last stage's width, which is gone
         if module == "tokenizer":
-            self.conv_stages = None
+            self.conv_stages = nn.Identity()  # the forward still runs, giving the tokenizer's tokens
         if module.startswith("stages."):
             self.stages = self.stages[: int(module.split(".")[1]) + 1]
         else:
@@ -398,7 +396,8 @@ ENTRIES = [
         architecture=ConvMLP,
         config=dict(img_size=224, num_classes=1000, **config),
         preprocessing=imagenet_preprocessing(
-            0.9, "the authors' evaluation (timm's train.py, their config crop_pct 0.9): resize 249 bicubic, crop 224"
+            0.9,
+            "the authors' evaluation (timm's train.py, their config crop_pct 0.9): bicubic, shorter side 248, crop 224",
         ),
         releases=(
             hosted(
