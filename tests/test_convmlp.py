@@ -197,6 +197,7 @@ def test_features_only_at_every_stride():
     assert [tuple(m.shape[1:]) for m in maps] == [(64, 25, 18), (128, 13, 9), (256, 7, 5), (512, 4, 3)]
     early = allmlp.create_model("convmlp_s", features_only=True, out_indices=[0], blocks=[1, 1, 1], n_conv_blocks=1)
     assert isinstance(early.model.conv_stages, nn.Identity) and len(early.model.stages) == 0
+    assert len(early.model._feature_stages()) == 1
     assert all(k.startswith("model.tokenizer.") for k in early.state_dict())
     with torch.no_grad():
         (tokenizer_map,) = early(torch.randn(1, 3, 99, 70))

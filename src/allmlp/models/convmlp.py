@@ -302,7 +302,9 @@ class ConvMLP(ModelInterface, nn.Module):
 
     def _pipeline(self) -> list[tuple[str, nn.Module]]:
         """The modules in order, with their names (fewer after `prune_intermediate_layers`)."""
-        parts: list[tuple[str, nn.Module]] = [("tokenizer", self.tokenizer), ("conv_stages", self.conv_stages)]
+        parts: list[tuple[str, nn.Module]] = [("tokenizer", self.tokenizer)]
+        if not isinstance(self.conv_stages, nn.Identity):  # pruned away after the tokenizer
+            parts.append(("conv_stages", self.conv_stages))
         parts.extend((f"stages.{i}", stage) for i, stage in enumerate(self.stages))
         return parts
 
