@@ -42,15 +42,16 @@ def model_for_weights(src: str | os.PathLike, model_name: str | None = None, gel
     return load_weights(model, src)  # read again: the model says which entry of a training checkpoint to take
 
 
+# constructor options that give a registered model's weights another layout: dense backbones, deploy forms
+_OTHER_FORMS = (("fork_feat", True), ("deploy", True), ("classifier_head", False))
+
+
 def _variants(name: str) -> list[dict]:
     """The configurations a registered model's weights can come in: with a head (of any size), and where the
     architecture has them, as a dense-prediction backbone (`fork_feat=True`, ConvMLP's `classifier_head=False`) or
     in deploy form (`deploy`)."""
     accepted = inspect.signature(get_entry(name).architecture.__init__).parameters
     return [{}] + [{option: value} for option, value in _OTHER_FORMS if option in accepted]
-
-
-_OTHER_FORMS = (("fork_feat", True), ("deploy", True), ("classifier_head", False))
 
 
 def registered_variant_for(state_dict: dict[str, torch.Tensor]) -> nn.Module:
