@@ -153,6 +153,21 @@ def tiny_msmlp(**overrides) -> nn.Module:
     return allmlp.MSMLP(**{**config, **overrides})
 
 
+def tiny_convmlp(**overrides) -> nn.Module:
+    config = dict(
+        blocks=[1, 1, 1],
+        dims=[8, 16, 24],
+        mlp_ratios=[2, 2, 2],
+        channels=8,
+        n_conv_blocks=1,
+        classifier_head=True,
+        num_classes=10,
+        drop_path_rate=0.0,
+        global_pool="avg",
+    )
+    return allmlp.ConvMLP(**{**config, **overrides})
+
+
 # A recipe's model section: a 1-block Mixer for the grey 28x28 demo digits (tiny, for CLI and engine tests).
 TINY_DEMO_MODEL = {
     "name": "mixer_s16_224",

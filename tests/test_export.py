@@ -38,6 +38,10 @@ SMALL = {
         "msmlp_t",
         dict(img_size=32, embed_dim=10, depths=[1, 1, 1, 1], mlp_ratio=2),
     ),
+    "ConvMLP": (
+        "convmlp_s",
+        dict(img_size=37, blocks=[1, 1], dims=[8, 16], mlp_ratios=[2, 2], channels=8, n_conv_blocks=1),
+    ),
 }
 
 

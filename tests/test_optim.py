@@ -11,7 +11,7 @@ from torch import nn
 from allmlp.train.config import ConfigError, OptimConfig, RunConfig, ScheduleConfig, check_run_config
 from allmlp.train.optim import Schedule, build_optimizer, layer_ids, parameter_groups
 
-from helpers import tiny_cyclemlp, tiny_mixer, tiny_resmlp, tiny_vip
+from helpers import tiny_convmlp, tiny_cyclemlp, tiny_mixer, tiny_resmlp, tiny_vip
 
 
 class Stand(nn.Module):
@@ -131,8 +131,8 @@ def test_layer_decay_needs_a_group_matcher():
 
 @pytest.mark.parametrize(
     "build",
-    [tiny_mixer, tiny_cyclemlp, tiny_vip],
-    ids=["mixer", "cyclemlp", "vip"],
+    [tiny_mixer, tiny_cyclemlp, tiny_vip, tiny_convmlp],
+    ids=["mixer", "cyclemlp", "vip", "convmlp"],
 )
 def test_every_family_decays_from_head_to_stem(build):
     model = build()

@@ -23,6 +23,7 @@ EXPECTED = {
     "vip_s7_i1k",
     "resmlp_12_224_i1k",
     "msmlp_t_i1k",
+    "convmlp_s_i1k",
 }
 
 

@@ -3,6 +3,7 @@
 from .models import (
     GMLP,
     MSMLP,
+    ConvMLP,
     CycleMLP,
     GMixer,
     MlpMixer,
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MSMLP",
+    "ConvMLP",
     "CycleMLP",
     "GMLP",
     "GMixer",

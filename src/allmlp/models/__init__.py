@@ -1,3 +1,4 @@
+from .convmlp import ConvMLP
 from .cyclemlp import CycleMLP
 from .gmlp import GMLP, GMixer
 from .mixer import MlpMixer
@@ -10,6 +11,7 @@ from .vip import VisionPermutator
 __all__ = [
     "REGISTRY",
     "MSMLP",
+    "ConvMLP",
     "CycleMLP",
     "GMLP",
     "GMixer",

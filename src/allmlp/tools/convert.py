@@ -50,11 +50,16 @@ def is_timm_mixer(state_dict: dict[str, torch.Tensor]) -> bool:
     return "stem.proj.weight" in state_dict and fc1 is not None and fc2 is not None and fc1.shape[0] == fc2.shape[1]
 
 
+# constructor options that give a registered model's weights another layout: dense backbones, deploy forms
+_OTHER_FORMS = (("fork_feat", True), ("deploy", True), ("classifier_head", False))
+
+
 def _variants(name: str) -> list[dict]:
     """The configurations a registered model's weights can come in: with a head (of any size), and where the
-    architecture has them, as a dense-prediction backbone (`fork_feat`) or in deploy form (`deploy`)."""
+    architecture has them, as a dense-prediction backbone (`fork_feat=True`, ConvMLP's `classifier_head=False`) or
+    in deploy form (`deploy`)."""
     accepted = inspect.signature(get_entry(name).architecture.__init__).parameters
-    return [{}] + [{option: True} for option in ("fork_feat", "deploy") if option in accepted]
+    return [{}] + [{option: value} for option, value in _OTHER_FORMS if option in accepted]
 
 
 def registered_variant_for(state_dict: dict[str, torch.Tensor]) -> nn.Module:
