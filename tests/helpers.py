@@ -122,6 +122,19 @@ def tiny_vip(**overrides) -> nn.Module:
     return allmlp.VisionPermutator(**{**config, **overrides})
 
 
+def tiny_asmlp(**overrides) -> nn.Module:
+    config = dict(
+        img_size=64,
+        embed_dim=8,
+        depths=[1, 1, 1, 1],
+        shift_size=3,
+        mlp_ratio=2.0,
+        num_classes=10,
+        drop_path_rate=0.0,
+    )
+    return allmlp.ASMLP(**{**config, **overrides})
+
+
 # A recipe's model section: a 1-block Mixer for the grey 28x28 demo digits (tiny, for CLI and engine tests).
 TINY_DEMO_MODEL = {
     "name": "mixer_s16_224",

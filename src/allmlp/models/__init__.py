@@ -1,3 +1,4 @@
+from .asmlp import ASMLP
 from .cyclemlp import CycleMLP
 from .mixer import MlpMixer
 from .optimize import optimize_for_inference
@@ -5,6 +6,7 @@ from .registry import REGISTRY, ModelEntry, Preprocessing, WeightRelease, create
 from .vip import VisionPermutator
 
 __all__ = [
+    "ASMLP",
     "REGISTRY",
     "CycleMLP",
     "MlpMixer",
