@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize, prune
 import allmlp
 from allmlp.models.registry import ARCHITECTURES
 
-from helpers import randomise, tiny_asmlp, tiny_cyclemlp, tiny_mixer, tiny_vip
+from helpers import randomise, tiny_asmlp, tiny_cyclemlp, tiny_mixer, tiny_swinmlp, tiny_vip
 
 BATCH = 2
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
@@ -125,6 +125,15 @@ FAMILIES = {
         opacus_functorch=True,
         lora_pointwise_convs=True,
         size_step=32,
+    ),
+    "swinmlp": Family(
+        tiny_swinmlp,
+        (32, 32),
+        "SwinMLP",
+        "layers.1.blocks.1.mlp.fc2",
+        "swinmlp_b",
+        dict(depths=[1, 1, 1, 1], embed_dim=32),
+        stage_counts=2,
     ),
 }
 CLASSIFIERS = [name for name, family in FAMILIES.items() if family.classifier]
@@ -778,6 +787,7 @@ EXPORT_SIZES = {  # (batch, height, width) the dynamic program is checked at
     "cyclemlp_fork": [(1, 35, 35), (2, 41, 70), (1, 64, 64)],
     "vip": [(1, 28, 28), (3, 28, 28), (5, 28, 28)],
     "asmlp": [(1, 64, 64), (3, 64, 96), (2, 128, 64), (1, 96, 256)],
+    "swinmlp": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
 }
 # CycleMLP's documented dynamic height/width range (README): every stage grid at least 2x2, i.e. H, W >= 35
 STAGED_DYNAMIC_MIN = 35
