@@ -17,8 +17,14 @@ def build(name: str, full_depth_limit: int = FULL_DEPTH_LIMIT) -> torch.nn.Modul
     with torch.device("meta"):
         params = sum(p.numel() for p in allmlp.create_model(name).parameters())
     overrides = {}
+    config = allmlp.get_entry(name).config
     if params > full_depth_limit:
-        overrides = {"num_blocks": 2} if name.startswith("mixer_") else {"layers": [1, 1, 1, 1]}
+        if name.startswith("mixer_"):
+            overrides = {"num_blocks": 2}
+        elif "depths" in config:  # the Swin-style families' argument (AS-MLP, Swin-MLP)
+            overrides = {"depths": [1] * len(config["depths"])}
+        else:
+            overrides = {"layers": [1, 1, 1, 1]}
     torch.manual_seed(0)
     model = allmlp.create_model(name, num_classes=7, **overrides)
     with torch.no_grad():

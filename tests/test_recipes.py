@@ -21,6 +21,8 @@ EXPECTED = {
     "mixer_cifar10_scratch",
     "cyclemlp_b1_i1k",
     "vip_s7_i1k",
+    "asmlp_t_i1k",
+    "swinmlp_t_c24_i1k",
 }
 
 
