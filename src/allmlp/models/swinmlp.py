@@ -279,7 +279,8 @@ ENTRIES = [
         releases=(
             hosted(
                 "imagenet1k",
-                "microsoft/Swin-Transformer MODELHUB.md (GitHub release v1.0.5 of SwinTransformer/storage)",
+                f"https://github.com/SwinTransformer/storage/releases/download/v1.0.5/{file}.pth "
+                "(microsoft/Swin-Transformer MODELHUB.md)",
                 1000,
                 IN1K,
                 top1,
