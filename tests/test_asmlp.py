@@ -257,3 +257,15 @@ def test_onnx_export_reproduces_pytorch(tmp_path, dynamo):
     with torch.no_grad():
         expected = model(x).numpy()
     np.testing.assert_allclose(onnx_outputs(model, x, tmp_path / "m.onnx", dynamo), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_registered_variants_equal_the_authors_code(name):
+    torch.manual_seed(0)
+    model = randomise(allmlp.create_model(name)).eval()
+    reference = AUTHORS["ASMLP"](**allmlp.get_entry(name).config).eval()
+    reference.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-4, rtol=1e-4)
