@@ -135,6 +135,8 @@ class ModelInterface:
     - `_to_format(x, output_fmt)`: tokens as an 'NCHW' map or in the family's token format;
     - `_intermediate_norm(index)`: the norm `forward_intermediates(norm=True)` applies to output `index`, or None;
     - `_truncate(last)`: drop every module after intermediate output `last`.
+    A family whose norms take another layout than its tokens (AS-MLP: GroupNorm on NCHW views of (B, H, W, C)
+    tokens) overrides `_apply_norm(norm, x)`, which `forward_intermediates` applies its norms through.
     """
 
     __jit_unused_properties__ = ["head_hidden_size", "default_cfg"]  # interface, not part of the forward pass
