@@ -1,6 +1,7 @@
 """allmlp: all-MLP vision models (MLP-Mixer, CycleMLP, Vision Permutator) with their published weights."""
 
 from .models import (
+    ASMLP,
     GMLP,
     MSMLP,
     ConvMLP,
@@ -8,6 +9,7 @@ from .models import (
     GMixer,
     MlpMixer,
     ResMLP,
+    SwinMLP,
     VisionPermutator,
     create_model,
     get_entry,
@@ -22,11 +24,13 @@ __version__ = "0.1.0"
 __all__ = [
     "MSMLP",
     "ConvMLP",
+    "ASMLP",
     "CycleMLP",
     "GMLP",
     "GMixer",
     "MlpMixer",
     "ResMLP",
+    "SwinMLP",
     "VisionPermutator",
     "WeightsError",
     "adapt_resolution",

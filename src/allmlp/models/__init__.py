@@ -1,3 +1,4 @@
+from .asmlp import ASMLP
 from .convmlp import ConvMLP
 from .cyclemlp import CycleMLP
 from .gmlp import GMLP, GMixer
@@ -6,9 +7,11 @@ from .msmlp import MSMLP
 from .optimize import optimize_for_inference
 from .registry import REGISTRY, ModelEntry, Preprocessing, WeightRelease, create_model, get_entry, list_models
 from .resmlp import ResMLP
+from .swinmlp import SwinMLP
 from .vip import VisionPermutator
 
 __all__ = [
+    "ASMLP",
     "REGISTRY",
     "MSMLP",
     "ConvMLP",
@@ -19,6 +22,7 @@ __all__ = [
     "ModelEntry",
     "Preprocessing",
     "ResMLP",
+    "SwinMLP",
     "VisionPermutator",
     "WeightRelease",
     "create_model",
