@@ -28,7 +28,20 @@ from torch.nn.utils import parametrize, prune
 import allmlp
 from allmlp.models.registry import ARCHITECTURES
 
-from helpers import randomise, tiny_cyclemlp, tiny_mixer, tiny_repmlpnet, tiny_vip
+from helpers import (
+    randomise,
+    tiny_asmlp,
+    tiny_convmlp,
+    tiny_cyclemlp,
+    tiny_gmixer,
+    tiny_gmlp,
+    tiny_mixer,
+    tiny_msmlp,
+    tiny_repmlpnet,
+    tiny_resmlp,
+    tiny_swinmlp,
+    tiny_vip,
+)
 
 BATCH = 2
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
@@ -62,9 +75,23 @@ class Family:
     classifier: bool = True  # False: a dense backbone (fork_feat) without pooling or head
     fixed_input_size: bool = True
     stage_counts: int = 0  # how many feature_info entries the tiny model has
-    # BatchNorm in training mode mixes the samples of a batch (batch statistics), so per-sample gradients (Opacus,
-    # vmap) are only defined in eval mode, where it is a per-channel affine map: those tests run the model in eval
+    norm_after_pool: bool = False  # the final norm follows the pooling (per-token logits: head(norm(token)))
+    smallest_input: int = 3  # any-size families: the smallest height and width the model takes
+    dynamic_min: int = 35  # any-size families: the smallest side of the dynamic export range (stage grids >= 2)
+    # BatchNorm layers: in training they normalise by batch statistics, so one sample's gradient depends on the
+    # others' and per-sample gradients are defined in eval mode only; Opacus refuses BatchNorm outright (its
+    # ModuleValidator.fix swaps in GroupNorm, which is what a private training of such a model uses)
     batch_norm: bool = False
+    # Opacus's own Conv2d grad sampler unfolds activations with as_strided, assuming contiguous NCHW: convs fed
+    # channels-last views (AS-MLP's 1x1 convs on (B, H, W, C) tokens, ConvMLP's convs) get wrong per-sample
+    # gradients there, so
+    # such families are checked with Opacus's functorch sampler (force_functorch=True), which is exact
+    opacus_functorch: bool = False
+    # LoRA also targets the 1x1 Conv2d channel maps (AS-MLP's, whose only Linear is the head)
+    lora_pointwise_convs: bool = False
+    # inputs whose sides are multiples of this (up to the stem's rounding; AS-MLP's patch merging needs even grids):
+    # the dynamic-shape export then uses multiples of it, from a 2x2 last-stage grid up
+    size_step: int = 1
 
 
 FAMILIES = {
@@ -107,15 +134,104 @@ FAMILIES = {
         dict(layers=[1, 1, 1, 1]),
         stage_counts=2,
     ),
+    "resmlp": Family(
+        tiny_resmlp,
+        (32, 32),
+        "ResMLP",
+        "blocks.1.mlp.fc2",
+        "resmlp_12_224",
+        dict(depth=2, img_size=64, embed_dim=16),
+        stage_counts=2,
+    ),
+    "gmlp": Family(
+        tiny_gmlp,
+        (32, 32),
+        "GMLP",
+        "blocks.1.mlp_channels.fc2",
+        "gmlp_ti16_224",
+        dict(num_blocks=2, img_size=64, embed_dim=16),
+        stage_counts=2,
+    ),
+    "gmixer": Family(
+        tiny_gmixer,
+        (32, 32),
+        "GMixer",
+        "blocks.1.mlp_channels.fc2",
+        "gmixer_12_224",
+        dict(num_blocks=2, img_size=64, embed_dim=16),
+        stage_counts=2,
+    ),
+    "msmlp": Family(
+        tiny_msmlp,
+        (32, 32),
+        "MSMLP",
+        "layers.3.blocks.0.pwconv2",
+        "msmlp_t",
+        dict(depths=[1, 1, 1, 1]),
+        fixed_input_size=False,
+        stage_counts=4,
+        norm_after_pool=True,
+        smallest_input=32,
+        dynamic_min=64,
+    ),
+    "convmlp": Family(
+        tiny_convmlp,
+        (32, 32),
+        "ConvMLP",
+        "stages.2.blocks.0.channel_mlp2.fc2",
+        "convmlp_s",
+        dict(blocks=[1, 1, 1], n_conv_blocks=1),
+        fixed_input_size=False,
+        stage_counts=4,
+        batch_norm=True,
+        opacus_functorch=True,
+    ),
+    "convmlp_backbone": Family(
+        partial(tiny_convmlp, classifier_head=False),
+        (32, 32),
+        "ConvMLP",
+        "stages.2.blocks.0.channel_mlp2.fc2",
+        "convmlp_s",
+        dict(blocks=[1, 1, 1], n_conv_blocks=1, classifier_head=False),
+        classifier=False,
+        fixed_input_size=False,
+        stage_counts=4,
+        batch_norm=True,
+        opacus_functorch=True,
+    ),
+    "asmlp": Family(
+        tiny_asmlp,
+        (64, 64),
+        "ASMLP",
+        "head",  # AS-MLP's only Linear: its channel maps are 1x1 convolutions, as in the authors' code
+        "asmlp_t",
+        dict(depths=[1, 1, 1, 1], embed_dim=8),
+        fixed_input_size=False,
+        stage_counts=4,
+        opacus_functorch=True,
+        lora_pointwise_convs=True,
+        size_step=32,
+    ),
+    "swinmlp": Family(
+        tiny_swinmlp,
+        (32, 32),
+        "SwinMLP",
+        "layers.1.blocks.1.mlp.fc2",
+        "swinmlp_b",
+        dict(depths=[1, 1, 1, 1], embed_dim=32),
+        stage_counts=2,
+    ),
     "repmlpnet": Family(
         tiny_repmlpnet,
-        (32, 64),
+        (32, 64),  # 2x2 and 2x4 partitions in the first two stages; the last grid 1x2 (train-mode BN at batch 1)
         "RepMLPNet",
-        "head",
+        "head",  # RepMLPNet's only Linear: its channel maps are 1x1 convolutions, as in the authors' code
         "repmlpnet_t224",
         dict(num_blocks=[1, 1, 1, 1], channels=[8, 16, 24, 32], sharesets_nums=[1, 2, 4, 8]),
         stage_counts=4,
         batch_norm=True,
+        opacus_functorch=True,
+        lora_pointwise_convs=True,
     ),
 }
 CLASSIFIERS = [name for name, family in FAMILIES.items() if family.classifier]
@@ -123,11 +239,14 @@ CLASSIFIERS = [name for name, family in FAMILIES.items() if family.classifier]
 NOT_SCRIPTABLE: dict[str, str] = {
     "cyclemlp_fork": "fork_feat's forward is forward_intermediates(norm=True), which TorchScript cannot compile "
     "(f-string errors, int-or-list indices)",
-    "repmlpnet": "its Conv2d / BatchNorm2d subclasses (channels-last token views around the authors' layers) call "
+    "convmlp_backbone": "classifier_head=False's forward is forward_intermediates, which TorchScript cannot compile "
+    "(f-string errors, int-or-list indices)",
+    "repmlpnet": "its layers subclass Conv2d and Sequential (channels-last views around the authors' modules) and call "
     "super().forward, which TorchScript cannot compile; torch.export and ONNX cover deployment",
 }
 
 
+# Opacus's per-sample gradients that are known to be wrong; xfail(strict=True) entries with the reason
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """The models are tiny: a second intra-op thread buys nothing, and on a loaded machine every parallel region
@@ -179,10 +298,20 @@ def hooked_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def linear_names(model: nn.Module, head: bool = False) -> list[str]:
-    """The Linear layers but the head (with `head`, the head too); a family whose only Linear is the head (RepMLPNet:
-    its MLPs are 1x1 convolutions, as in the authors' code) gets the head."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return names if head or names == ["head"] else [n for n in names if n != "head"]
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and (head or n != "head")]
+
+
+def lora_names(model: nn.Module, family: str | None = None) -> list[str]:
+    """The LoRA targets: every Linear but the head, and 1x1 convolutions where the family maps channels by them
+    (ungrouped ones: a dense low-rank update does not merge into a grouped conv's block-diagonal weight)."""
+    names = linear_names(model)
+    if family is not None and FAMILIES[family].lora_pointwise_convs:
+        names += [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
+        ]
+    return names
 
 
 def feature_modules(model: nn.Module) -> list[str]:
@@ -314,11 +443,11 @@ def test_hooks_that_modify_inputs_or_outputs_change_the_output(family):
 # 2. LoRA: PEFT and by hand
 
 
-def peft_lora(model: nn.Module, seed: int = 3) -> nn.Module:
+def peft_lora(model: nn.Module, seed: int = 3, family: str | None = None) -> nn.Module:
     """PEFT LoRA (r=4) on every Linear but the head, lora_A and lora_B drawn at random (B is zero by default)."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(target_modules=linear_names(model), r=4, lora_alpha=8, init_lora_weights=False)
+    config = LoraConfig(target_modules=lora_names(model, family), r=4, lora_alpha=8, init_lora_weights=False)
     peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -330,15 +459,18 @@ def peft_lora(model: nn.Module, seed: int = 3) -> nn.Module:
 
 @ALL
 def test_peft_lora(family):
+    from peft.tuners.lora import Conv2d as LoraConv2d
     from peft.tuners.lora import Linear as LoraLinear
 
     base = make(family).eval()
-    targets = linear_names(base)
+    targets = lora_names(base, family)
     x = image(family)
     with torch.no_grad():
         base_out = base(x)
-    lora = peft_lora(copy.deepcopy(base)).eval()
-    wrapped = {n.removeprefix("base_model.model.") for n, m in lora.named_modules() if isinstance(m, LoraLinear)}
+    lora = peft_lora(copy.deepcopy(base), family=family).eval()
+    wrapped = {
+        n.removeprefix("base_model.model.") for n, m in lora.named_modules() if isinstance(m, (LoraLinear, LoraConv2d))
+    }
     assert wrapped == set(targets)
     out = lora(x)
     assert_differs(out, base_out, margin=1e-3)
@@ -350,31 +482,36 @@ def test_peft_lora(family):
     for name, p in lora_params.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
     merged = lora.merge_and_unload().eval()
-    assert not any(isinstance(m, LoraLinear) for m in merged.modules())
+    assert not any(isinstance(m, (LoraLinear, LoraConv2d)) for m in merged.modules())
     with torch.no_grad():
         assert_same(merged(x), flat(out).detach())
 
 
 class HandLoRA(nn.Module):
-    """LoRA by module replacement: base(x) + x A^T B^T, base frozen."""
+    """LoRA by module replacement: base(x) + x A^T B^T over the features (a 1x1 conv's channels), base frozen."""
 
-    def __init__(self, base: nn.Linear, rank: int, generator: torch.Generator):
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, generator: torch.Generator):
         super().__init__()
         self.base = base.requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features, generator=generator) * 0.2)
-        self.lora_B = nn.Parameter(torch.randn(base.out_features, rank, generator=generator) * 0.2)
+        self.channels = isinstance(base, nn.Conv2d)
+        features_in, features_out = base.weight.shape[1], base.weight.shape[0]
+        self.lora_A = nn.Parameter(torch.randn(rank, features_in, generator=generator) * 0.2)
+        self.lora_B = nn.Parameter(torch.randn(features_out, rank, generator=generator) * 0.2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels:
+            low_rank = (x.movedim(1, -1) @ self.lora_A.t()) @ self.lora_B.t()
+            return self.base(x) + low_rank.movedim(-1, 1)
         return self.base(x) + (x @ self.lora_A.t()) @ self.lora_B.t()
 
     def merged_weight(self) -> torch.Tensor:
-        return self.base.weight + self.lora_B @ self.lora_A
+        return self.base.weight + (self.lora_B @ self.lora_A).reshape(self.base.weight.shape)
 
 
-def hand_lora(model: nn.Module, seed: int = 3) -> nn.Module:
+def hand_lora(model: nn.Module, seed: int = 3, family: str | None = None) -> nn.Module:
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
-    for name in sorted(linear_names(model)):
+    for name in sorted(lora_names(model, family)):
         replace_module(model, name, HandLoRA(model.get_submodule(name), 4, generator))
     return model
 
@@ -385,12 +522,12 @@ def test_lora_by_module_replacement(family):
     x = image(family)
     with torch.no_grad():
         base_out = base(x)
-    lora = hand_lora(copy.deepcopy(base))
+    lora = hand_lora(copy.deepcopy(base), family=family)
     out = lora(x)
     assert_differs(out, base_out, margin=1e-3)
     loss_of(out).backward()
     wrappers = {n: m for n, m in lora.named_modules() if isinstance(m, HandLoRA)}
-    assert set(wrappers) == set(linear_names(base))
+    assert set(wrappers) == set(lora_names(base, family))
     for name, wrapper in wrappers.items():
         for p in (wrapper.lora_A, wrapper.lora_B):
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
@@ -542,17 +679,19 @@ def test_only_one_deep_linear_trainable(family, train):
 @ALL
 def test_opacus_grad_samples_equal_per_sample_gradients(family):
     from opacus import GradSampleModule
+    from opacus.validators import ModuleValidator
 
-    model = make(family).train(not FAMILIES[family].batch_norm)
+    model = make(family).train()
+    if FAMILIES[family].batch_norm:
+        model = ModuleValidator.fix(model)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     x = image(family, batch=3)
-    if FAMILIES[family].batch_norm:  # Opacus refuses BatchNorm (its ModuleValidator.fix swaps in GroupNorm)
-        with pytest.raises(NotImplementedError, match="BatchNorm"):
-            GradSampleModule(model, batch_first=True, loss_reduction="sum")
-        return
     expected = per_sample_grads_by_loop(model, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        private = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        private = GradSampleModule(
+            model, batch_first=True, loss_reduction="sum", force_functorch=FAMILIES[family].opacus_functorch
+        )
         loss_of(private(x)).backward()
     for name, p in model.named_parameters():
         assert getattr(p, "grad_sample", None) is not None, f"{name} has no grad_sample"
@@ -707,7 +846,7 @@ def test_functional_call(family):
 def test_vmap_grad_gives_per_sample_gradients(family):
     from torch.func import functional_call, grad, vmap
 
-    model = make(family).train(not FAMILIES[family].batch_norm)
+    model = make(family).train(not FAMILIES[family].batch_norm)  # BatchNorm: running statistics (see Family)
     x = image(family, batch=3)
     expected = per_sample_grads_by_loop(model, x)
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -759,11 +898,18 @@ EXPORT_SIZES = {  # (batch, height, width) the dynamic program is checked at
     "cyclemlp": [(1, 35, 35), (3, 40, 64), (2, 64, 64), (1, 97, 50)],
     "cyclemlp_fork": [(1, 35, 35), (2, 41, 70), (1, 64, 64)],
     "vip": [(1, 28, 28), (3, 28, 28), (5, 28, 28)],
+    "resmlp": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
+    "gmlp": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
+    "gmixer": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
+    "msmlp": [(1, 64, 64), (3, 70, 96), (2, 128, 64), (1, 97, 66)],
+    "convmlp": [(1, 35, 35), (3, 40, 64), (2, 64, 64), (1, 97, 50)],
+    "convmlp_backbone": [(1, 35, 35), (2, 41, 70), (1, 64, 64)],
+    "asmlp": [(1, 64, 64), (3, 64, 96), (2, 128, 64), (1, 96, 256)],
+    "swinmlp": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
     "repmlpnet": [(1, 32, 64), (3, 32, 64), (5, 32, 64)],
 }
-# CycleMLP's documented dynamic height/width range (README): every stage grid at least 2x2, i.e. H, W >= 35
-STAGED_DYNAMIC_MIN = 35
 STAGED = [name for name, family in FAMILIES.items() if not family.fixed_input_size]
+CYCLEMLPS = [name for name in STAGED if FAMILIES[name].architecture == "CycleMLP"]  # Cycle FC's export limits
 
 
 def export(model: nn.Module, x: torch.Tensor, dynamic: dict, oblivious: bool = False):
@@ -782,43 +928,53 @@ def assert_exported_matches(family: str, exported: nn.Module, model: nn.Module, 
 
 @ALL
 def test_torch_export_with_dynamic_shapes(family):
-    """A dynamic batch everywhere; CycleMLP also a dynamic height and width over its documented range."""
+    """A dynamic batch everywhere; the any-size families also a dynamic height and width over their documented range
+    (CycleMLP's README: every stage grid at least 2x2, i.e. H, W >= 35; MS-MLP: >= 64; AS-MLP: multiples of 32)."""
     from torch.export import Dim
 
     model = make(family).eval()
     dynamic = {0: Dim("batch", min=1, max=64)}
     example = image(family)
-    if family in STAGED:
-        dynamic |= {2: Dim("height", min=STAGED_DYNAMIC_MIN, max=256), 3: Dim("width", min=STAGED_DYNAMIC_MIN, max=256)}
+    step = FAMILIES[family].size_step
+    if family in STAGED and step > 1:
+        rows, cols = Dim("rows", min=2, max=256 // step), Dim("cols", min=2, max=256 // step)
+        dynamic |= {2: step * rows, 3: step * cols}
+        example = image(family, size=(2 * step, 3 * step))
+    elif family in STAGED:
+        low = FAMILIES[family].dynamic_min
+        dynamic |= {2: Dim("height", min=low, max=256), 3: Dim("width", min=low, max=256)}
         example = image(family, size=(64, 64))
     assert_exported_matches(family, export(model, example, dynamic), model, EXPORT_SIZES[family])
 
 
-@pytest.mark.parametrize("family", STAGED)
-def test_cyclemlp_export_at_the_smallest_input(family):
-    """3x3, the smallest input CycleMLP takes (every stage grid 1x1), exports with a static size."""
+@pytest.mark.parametrize("family", [name for name in STAGED if FAMILIES[name].size_step == 1])
+def test_export_at_the_smallest_input(family):
+    """The smallest input an any-size family takes (every stage grid 1x1; CycleMLP 3x3, MS-MLP 32x32) exports with a
+    static size."""
     from torch.export import Dim
 
     model = make(family).eval()
-    exported = export(model, image(family, size=(3, 3)), {0: Dim("batch", min=1, max=64)})
-    assert_exported_matches(family, exported, model, [(1, 3, 3), (3, 3, 3)])
+    side = FAMILIES[family].smallest_input
+    exported = export(model, image(family, size=(side, side)), {0: Dim("batch", min=1, max=64)})
+    assert_exported_matches(family, exported, model, [(1, side, side), (3, side, side)])
 
 
-@pytest.mark.parametrize("family", STAGED)
+@pytest.mark.parametrize("family", CYCLEMLPS)
 @pytest.mark.xfail(
     strict=True,
-    reason="one program cannot cover 3x3 inputs (1x1 grids) and larger ones: torch.export guards grid != 1 in "
-    "Cycle FC, "
-    "whose shift is a depthwise conv on a channels-last view (with a conv-free shift the classifier exports over "
-    "3..256; fork_feat still guards in Cycle FC under forward_intermediates)",
+    reason="one program cannot cover the smallest inputs (1x1 grids) and larger ones: torch.export guards grid != 1 "
+    "in a depthwise conv on a channels-last view (CycleMLP's Cycle FC shift; with a conv-free shift the CycleMLP "
+    "classifier exports over 3..256; fork_feat still guards in Cycle FC under forward_intermediates)",
 )
 def test_cyclemlp_export_dynamic_down_to_3x3(family):
     from torch.export import Dim
 
     model = make(family).eval()
-    dynamic = {0: Dim("batch", min=1, max=64), 2: Dim("height", min=3, max=256), 3: Dim("width", min=3, max=256)}
+    side = FAMILIES[family].smallest_input  # CycleMLP: 3x3
+    dynamic = {0: Dim("batch", min=1, max=64), 2: Dim("height", min=side, max=256), 3: Dim("width", min=side, max=256)}
     exported = export(model, image(family), dynamic, oblivious=True)
-    assert_exported_matches(family, exported, model, [(1, 3, 3), (3, 17, 40), (2, 32, 32), (1, 64, 48)])
+    sizes = [(1, side, side), (3, side + 14, side + 37), (2, side + 29, side + 29), (1, side + 61, side + 45)]
+    assert_exported_matches(family, exported, model, sizes)
 
 
 @ALL
@@ -875,8 +1031,8 @@ def test_forward_intermediates(family):
     # norm=True: the last stage normalised is the final features
     (last,) = taken([-1], norm=True)
     torch.testing.assert_close(last, to_nchw(features, *grid(model, count - 1, size)), atol=1e-6, rtol=1e-6)
-    # the token formats: Mixer NLC, the staged families NHWC
-    fmt = "NLC" if family == "mixer" else "NHWC"
+    # the token formats: the isotropic families (Mixer, ResMLP, gMLP, gMixer) NLC, the staged families NHWC
+    fmt = model.token_format
     for got, expected in zip(taken(None, output_fmt=fmt), maps, strict=True):
         if fmt == "NLC":
             assert got.ndim == 3
@@ -992,8 +1148,13 @@ def test_global_pool_and_reset_classifier(family):
         features = model.forward_features(x)
     assert pooled.shape == (BATCH, 10)
     assert per_token.shape == (*features.shape[:-1], 10) and per_token.ndim >= 3
-    torch.testing.assert_close(per_token, model.get_classifier()(features), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(per_token.reshape(BATCH, -1, 10).mean(1), pooled, atol=1e-5, rtol=1e-5)
+    if FAMILIES[family].norm_after_pool:  # the norm of pooled features (MS-MLP) normalises each token instead
+        torch.testing.assert_close(per_token, model.get_classifier()(model.norm(features)), atol=1e-6, rtol=1e-6)
+        pooled_features = model.norm(features.mean(dim=tuple(range(1, features.ndim - 1))))
+        torch.testing.assert_close(pooled, model.get_classifier()(pooled_features), atol=1e-6, rtol=1e-6)
+    else:
+        torch.testing.assert_close(per_token, model.get_classifier()(features), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(per_token.reshape(BATCH, -1, 10).mean(1), pooled, atol=1e-5, rtol=1e-5)
 
     model.reset_classifier(5)
     assert model.num_classes == 5 and model(x).shape == (BATCH, 5)
@@ -1050,7 +1211,9 @@ def test_group_matcher_covers_every_parameter(family):
         layer_of = group_parameters(model, matcher, reverse=True)
         assert set(layer_of) == {n for n, _ in model.named_parameters()}
         stem = {layer_of[n] for n in layer_of if n.startswith(first_conv + ".")}
-        stages = [{layer_of[n] for n in layer_of if n.startswith(m + ".")} for m in feature_modules(model)]
+        # a feature output may be the stem itself (ConvMLP's tokenizer, its stride-4 map): that is the stem group
+        outputs = [m for m in feature_modules(model) if not first_conv.startswith(m + ".")]
+        stages = [{layer_of[n] for n in layer_of if n.startswith(m + ".")} for m in outputs]
         assert len(stem) == 1 and all(stages)
         if not coarse:
             assert max(stem) < min(stages[0]), "the stem is not the first group"
@@ -1105,9 +1268,10 @@ def test_resolve_model_data_config_gives_the_registry_preprocessing(name):
     with torch.device("meta"):
         model = allmlp.create_model(name)
     config = resolve_model_data_config(model)
-    pre = allmlp.get_entry(name).preprocessing
-    assert config["input_size"] == tuple(model.pretrained_cfg["input_size"])
-    assert config["input_size"] in ((3, 224, 224), (3, 256, 256))  # RepMLPNet *256: trained and evaluated at 256
+    entry = allmlp.get_entry(name)
+    pre = entry.preprocessing
+    side = entry.config.get("img_size", 224)  # the entry's own input size (Swin-MLP-T: 256)
+    assert config["input_size"] == (3, side, side)
     assert tuple(config["mean"]) == tuple(pre.mean) and tuple(config["std"]) == tuple(pre.std)
     assert config["interpolation"] == pre.interpolation and config["crop_pct"] == pre.crop_pct
     assert config["crop_mode"] == "center"
@@ -1134,7 +1298,7 @@ def test_stage_activations_are_batch_first(family):
     for i, name in enumerate(names):
         h, w = grid(model, i, size)
         channels = model.feature_info[i]["num_chs"]
-        if family == "mixer":
+        if model.token_format == "NLC":
             assert outputs[name].shape == inputs_batch[name].shape == (3, h * w, channels), name
         else:
             assert outputs[name].shape == (3, h, w, channels), name

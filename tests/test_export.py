@@ -31,6 +31,22 @@ SMALL = {
             mlp_ratios=[2, 2],
         ),
     ),  # fmt: skip
+    "ResMLP": ("resmlp_12_224", dict(img_size=(16, 24), patch_size=4, embed_dim=16, depth=2)),
+    "GMLP": ("gmlp_s16_224", dict(img_size=(16, 24), patch_size=4, embed_dim=16, num_blocks=2)),
+    "GMixer": ("gmixer_24_224", dict(img_size=(16, 24), patch_size=4, embed_dim=16, num_blocks=2)),
+    "MSMLP": (  # 32 = the smallest input of 4 stages at patch 4; shifts of 2 wrap the 1x1 and 2x2 grids
+        "msmlp_t",
+        dict(img_size=32, embed_dim=10, depths=[1, 1, 1, 1], mlp_ratio=2),
+    ),
+    "ConvMLP": (
+        "convmlp_s",
+        dict(img_size=37, blocks=[1, 1], dims=[8, 16], mlp_ratios=[2, 2], channels=8, n_conv_blocks=1),
+    ),
+    "ASMLP": ("asmlp_t", dict(img_size=(32, 64), embed_dim=8, depths=[1, 1], shift_size=3, mlp_ratio=2.0)),
+    "SwinMLP": (
+        "swinmlp_t_c24",
+        dict(img_size=(16, 32), embed_dim=8, depths=[2, 1], num_heads=[2, 4], window_size=4, mlp_ratio=2.0),
+    ),
     "RepMLPNet": (  # two partitions of 4 x 4 in the first stage, one in the second
         "repmlpnet_t224",
         dict(img_size=[32, 16], num_blocks=[1, 1], channels=[8, 16], hs=[4, 4], ws=[4, 2], sharesets_nums=[2, 4]),

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference.repmlp import AUTHORS
 from torch import nn
 
 import allmlp
@@ -16,6 +15,7 @@ from allmlp.models.repmlp import CONFIGS, DepthwiseConv, GroupedPointwiseConv, R
 from allmlp.tools.convert import convert
 
 from helpers import onnx_outputs, published_shapes, randomise
+from reference.repmlp import AUTHORS
 
 KEYS = Path(__file__).parent / "data" / "keys"
 PUBLISHED_PARAMS = {
@@ -110,7 +110,7 @@ def test_train_mode_parity_with_the_authors(name):
 
 def test_grouped_pointwise_conv_is_nn_conv2d():
     for groups, bias in ((1, False), (4, True), (8, True)):
-        conv = GroupedPointwiseConv(24, groups, bias)
+        conv = GroupedPointwiseConv(24, 24, 1, groups=groups, bias=bias)
         randomise(conv)
         plain = nn.Conv2d(24, 24, 1, groups=groups, bias=bias)
         plain.load_state_dict(conv.state_dict())
@@ -120,11 +120,19 @@ def test_grouped_pointwise_conv_is_nn_conv2d():
                 torch.testing.assert_close(conv(x), plain(x), atol=1e-5, rtol=1e-5)
                 strided = torch.randn(shape[0], shape[2], shape[3], 24).permute(0, 3, 1, 2)
                 torch.testing.assert_close(conv(strided), plain(strided), atol=1e-5, rtol=1e-5)
+    # any nn.Conv2d configuration (PEFT builds its LoRA layers with the base layer's class)
+    for args in (dict(out_channels=12, groups=4), dict(out_channels=24, kernel_size=3, padding=1, groups=8)):
+        args = {"in_channels": 24, "kernel_size": 1, **args}
+        conv, plain = randomise(GroupedPointwiseConv(**args)), nn.Conv2d(**args)
+        plain.load_state_dict(conv.state_dict())
+        x = torch.randn(2, 24, 5, 3)
+        with torch.no_grad():
+            torch.testing.assert_close(conv(x), plain(x), atol=1e-5, rtol=1e-5)
 
 
 def test_depthwise_conv_is_nn_conv2d():
     for channels, k, bias in ((1, 3, False), (1, 5, True), (4, 1, True), (3, 5, True), (1, 1, False)):
-        conv = DepthwiseConv(channels, k, k // 2, bias)
+        conv = DepthwiseConv(channels, channels, k, padding=k // 2, groups=channels, bias=bias)
         randomise(conv)
         plain = nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels, bias=bias)
         plain.load_state_dict(conv.state_dict())
@@ -133,6 +141,13 @@ def test_depthwise_conv_is_nn_conv2d():
         with torch.no_grad():
             torch.testing.assert_close(conv(x), plain(x), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(conv(channels_last_rows), plain(channels_last_rows), atol=1e-5, rtol=1e-5)
+    for args in (dict(out_channels=4), dict(kernel_size=3, stride=2, padding=1)):  # not a shifted sum
+        args = {"in_channels": 1, "out_channels": 1, "kernel_size": 1, **args}
+        conv, plain = randomise(DepthwiseConv(**args)), nn.Conv2d(**args)
+        plain.load_state_dict(conv.state_dict())
+        x = torch.randn(2, 1, 7, 6)
+        with torch.no_grad():
+            torch.testing.assert_close(conv(x), plain(x), atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,16 @@
 """allmlp: all-MLP vision models (MLP-Mixer, CycleMLP, Vision Permutator) with their published weights."""
 
 from .models import (
+    ASMLP,
+    GMLP,
+    MSMLP,
+    ConvMLP,
     CycleMLP,
+    GMixer,
     MlpMixer,
     RepMLPNet,
+    ResMLP,
+    SwinMLP,
     VisionPermutator,
     create_model,
     get_entry,
@@ -17,9 +24,16 @@ from .weights import WeightsError, load_weights, save_weights
 __version__ = "0.1.0"
 
 __all__ = [
+    "MSMLP",
+    "ConvMLP",
+    "ASMLP",
     "CycleMLP",
+    "GMLP",
+    "GMixer",
     "MlpMixer",
     "RepMLPNet",
+    "ResMLP",
+    "SwinMLP",
     "VisionPermutator",
     "WeightsError",
     "adapt_resolution",

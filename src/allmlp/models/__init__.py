@@ -1,18 +1,31 @@
+from .asmlp import ASMLP
+from .convmlp import ConvMLP
 from .cyclemlp import CycleMLP
+from .gmlp import GMLP, GMixer
 from .mixer import MlpMixer
+from .msmlp import MSMLP
 from .optimize import optimize_for_inference
 from .registry import REGISTRY, ModelEntry, Preprocessing, WeightRelease, create_model, get_entry, list_models
 from .reparam import reparameterize
 from .repmlp import RepMLPNet
+from .resmlp import ResMLP
+from .swinmlp import SwinMLP
 from .vip import VisionPermutator
 
 __all__ = [
+    "ASMLP",
     "REGISTRY",
+    "MSMLP",
+    "ConvMLP",
     "CycleMLP",
+    "GMLP",
+    "GMixer",
     "MlpMixer",
     "ModelEntry",
     "Preprocessing",
     "RepMLPNet",
+    "ResMLP",
+    "SwinMLP",
     "VisionPermutator",
     "WeightRelease",
     "create_model",

@@ -54,19 +54,21 @@ CONFIGS = {
 
 
 class DepthwiseConv(nn.Conv2d):
-    """A depthwise, stride-1, zero-padded Conv2d (the local convs `repconv{k}.conv`: groups == in_channels ==
-    out_channels), the same function as nn.Conv2d on any input. With one channel or a 1x1 kernel it is computed as
-    a sum of shifted copies of the input times its taps, in the input's channels-last layout (which the block
-    hands in): oneDNN runs those cases, a batch of thousands of one-channel images in the first stage, some 10x
-    slower. Otherwise it is nn.Conv2d's own convolution."""
+    """nn.Conv2d (same constructor, same function on any input) for the local convs `repconv{k}.conv`: a
+    depthwise (groups == in_channels == out_channels), stride-1, zero-padded convolution with one channel or a 1x1
+    kernel is computed as a sum of shifted copies of the input times its taps, which oneDNN runs some 10x slower
+    as a convolution of a one-channel image (the first stage of every released model). Any other configuration is
+    nn.Conv2d's own convolution."""
 
-    def __init__(self, channels: int, kernel_size: int, padding: int, bias: bool = False):
-        super().__init__(channels, channels, kernel_size, 1, padding, groups=channels, bias=bias)
+    def _shifted_sum(self) -> bool:
+        depthwise = self.groups == self.in_channels == self.out_channels
+        plain = self.stride == (1, 1) and self.dilation == (1, 1) and self.padding_mode == "zeros"
+        return depthwise and plain and (self.in_channels == 1 or self.kernel_size == (1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k_h, k_w = self.kernel_size
-        if self.in_channels != 1 and k_h * k_w != 1:
+        if not self._shifted_sum() or isinstance(self.padding, str):
             return super().forward(x)
+        k_h, k_w = self.kernel_size
         p_h, p_w = self.padding
         height, width = x.shape[2] + 2 * p_h - k_h + 1, x.shape[3] + 2 * p_w - k_w + 1
         padded = F.pad(x.permute(2, 3, 0, 1), (0, 0, 0, 0, p_w, p_w, p_h, p_h))  # (H, W, B, C): pad W, then H
@@ -91,7 +93,7 @@ class ConvBN(nn.Sequential):
     ):  # fmt: skip
         super().__init__()
         if depthwise:
-            self.conv = DepthwiseConv(in_channels, kernel_size, padding)
+            self.conv = DepthwiseConv(in_channels, in_channels, kernel_size, 1, padding, groups=in_channels, bias=False)
         else:
             self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
@@ -108,17 +110,6 @@ class PatchEmbed(ConvBN):
 
 class Downsample(ConvBN):
     """`embeds.i`: conv 2x2 stride 2 + BN + ReLU between stages, on (B, H, W, C) tokens."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
-class TokenBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d over the channels of (B, H, W, C) tokens (the final `head_norm`)."""
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        """No check: the tokens are 4-D by construction (the model checks its input), and a check on the dimension
-        count is a branch torch.fx cannot trace through (this subclass is no leaf module for it)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -153,24 +144,25 @@ def conv_as_fc(kernel: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 class GroupedPointwiseConv(nn.Conv2d):
-    """fc3: the authors' grouped 1x1 Conv2d (their layer type and keys), computed as one matrix product per group
-    (`torch.bmm`) on its own weight and bias: the same function as nn.Conv2d on any input, several times faster on
-    CPU, where oneDNN's grouped 1x1 convolution runs at a tenth of the matrix-product rate for these shapes."""
-
-    def __init__(self, channels: int, groups: int, bias: bool):
-        super().__init__(channels, channels, kernel_size=1, bias=bias, groups=groups)
+    """nn.Conv2d (same constructor, same function on any input) for fc3, the authors' grouped 1x1 conv: a 1x1,
+    stride-1, unpadded convolution is computed as one matrix product per group (`torch.bmm`) on its own weight and
+    bias, several times faster on CPU than oneDNN's grouped 1x1 convolution for these shapes. Any other
+    configuration is nn.Conv2d's own convolution."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding in ((0, 0), "valid")
+        if not pointwise:
+            return super().forward(x)
         batch, _, height, width = x.shape
-        groups, per_group = self.groups, self.in_channels // self.groups
-        columns = x.reshape(batch, groups, per_group, height * width).permute(1, 2, 0, 3)
-        columns = columns.reshape(groups, per_group, batch * height * width)
-        weight = self.weight.reshape(groups, per_group, per_group)
+        groups, per_in, per_out = self.groups, self.in_channels // self.groups, self.out_channels // self.groups
+        columns = x.reshape(batch, groups, per_in, height * width).permute(1, 2, 0, 3)
+        columns = columns.reshape(groups, per_in, batch * height * width)
+        weight = self.weight.reshape(groups, per_out, per_in)
         if self.bias is None:
             out = torch.bmm(weight, columns)
         else:
-            out = torch.baddbmm(self.bias.reshape(groups, per_group, 1), weight, columns)
-        out = out.reshape(groups, per_group, batch, height * width).permute(2, 0, 1, 3)
+            out = torch.baddbmm(self.bias.reshape(groups, per_out, 1), weight, columns)
+        out = out.reshape(groups, per_out, batch, height * width).permute(2, 0, 1, 3)
         return out.reshape(batch, self.out_channels, height, width)
 
 
@@ -200,7 +192,7 @@ class RepMLPBlock(nn.Module):
         self.deploy = deploy
         self.gp = GlobalPerceptron(in_channels, in_channels // globalperceptron_reduce)
         positions = num_sharesets * h * w
-        self.fc3 = GroupedPointwiseConv(positions, num_sharesets, bias=deploy)
+        self.fc3 = GroupedPointwiseConv(positions, positions, 1, 1, 0, groups=num_sharesets, bias=deploy)
         self.fc3_bn = nn.Identity() if deploy else nn.BatchNorm2d(num_sharesets)
         self.reparam_conv_k = None if reparam_conv_k is None else [int(k) for k in reparam_conv_k]
         if not deploy and self.reparam_conv_k is not None:
@@ -219,22 +211,29 @@ class RepMLPBlock(nn.Module):
         fc_in = tokens.permute(0, 6, 2, 4, 1, 3, 5).reshape(batch, sets * h * w, rows * cols * chunks, 1)
         out = self.fc3_bn(self.fc3(fc_in).reshape(batch, sets, h * w, rows * cols * chunks))
         if not self.deploy and self.reparam_conv_k is not None:
-            # one (sets, h, w) image per (sample, partition, chunk), stored positions-outermost (channels-last)
-            conv_in = tokens.permute(2, 4, 0, 1, 3, 5, 6).reshape(h, w, batch * rows * cols * chunks, sets)
-            local = self._local(conv_in.permute(2, 3, 0, 1)).reshape(batch, rows * cols * chunks, sets, h * w)
-            out = out + local.permute(0, 2, 3, 1)
+            local = self._local(tokens.permute(0, 6, 1, 3, 5, 2, 4).reshape(batch, sets, rows * cols * chunks, h, w))
+            out = out + local.reshape(batch, sets, rows * cols * chunks, h * w).transpose(2, 3)
         # The authors read a sample's rows back as (chunk, partition row, partition column) in that order, not the
         # (partition row, partition column, chunk) they were written in: with several partitions and chunks, the
         # results of partition p, chunk j land elsewhere. Kept (a reshape); one partition per stage is unaffected.
         out = out.reshape(batch, sets, h, w, chunks, rows, cols).permute(0, 5, 2, 6, 3, 4, 1)
         return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2) * gates
 
-    def _local(self, x: torch.Tensor) -> torch.Tensor:
-        """The sum of the local convolution branches (each conv + BN), on (B * partitions * chunks, S, h, w)."""
+    def _local(self, rows: torch.Tensor) -> torch.Tensor:
+        """The sum of the local branches (each conv + BN) on a sample's (partition, chunk) rows, (B, S, R, h, w).
+
+        The authors convolve every row as an image of its own; here each sample's rows are stacked into one tall
+        image per set, with zero rows between them as wide as the largest kernel reaches, so that every
+        convolution sees sample-first input (per-sample gradients, Opacus) with the same zero padding at the
+        partition borders. The separators' outputs are dropped before each BatchNorm (its batch statistics)."""
+        batch, sets, count, h, w = rows.shape
+        gap = max(self.reparam_conv_k) // 2
+        tall = F.pad(rows, (0, 0, 0, gap)).reshape(batch, sets, count * (h + gap), w)
         total = None
         for name, branch in self.named_children():
             if name.startswith("repconv"):
-                out = branch(x)
+                conv = branch.conv(tall).reshape(batch, sets, count, h + gap, w)[:, :, :, :h]
+                out = branch.bn(conv.reshape(batch, sets, count * h, w))
                 total = out if total is None else total + out
         return total
 
@@ -514,7 +513,7 @@ class RepMLPNet(ModelInterface, nn.Module):
         self.embeds = nn.ModuleList(
             Downsample(channels[i], channels[i + 1], 2, stride=2, relu=True) for i in range(stages - 1)
         )
-        self.head_norm = TokenBatchNorm(channels[-1])
+        self.head_norm = nn.BatchNorm2d(channels[-1])
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(channels[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [
@@ -558,6 +557,10 @@ class RepMLPNet(ModelInterface, nn.Module):
         self.stages = self.stages[: last + 1]
         self.embeds = self.embeds[:last]
 
+    def _apply_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The final norm (BatchNorm2d, the authors' `head_norm`) on an NCHW view of the (B, H, W, C) tokens."""
+        return norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self._embed(x)
         for i, stage in enumerate(self.stages):
@@ -568,7 +571,7 @@ class RepMLPNet(ModelInterface, nn.Module):
                 x = self._run_checkpointed(stage, x)
             else:
                 x = stage(x)
-        return self.head_norm(x)
+        return self._apply_norm(self.head_norm, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
