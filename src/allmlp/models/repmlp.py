@@ -504,7 +504,7 @@ class RepMLPNet(ModelInterface, nn.Module):
                         sharesets_nums[i],
                         deploy,
                         rates[starts[i] + j],
-                    )  # fmt: skip
+                    )
                     for j in range(num_blocks[i])
                 )
             )
