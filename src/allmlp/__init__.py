@@ -1,6 +1,7 @@
 """allmlp: all-MLP vision models (MLP-Mixer, CycleMLP, Vision Permutator) with their published weights."""
 
 from .models import (
+    ActiveMLP,
     CycleMLP,
     MlpMixer,
     VisionPermutator,
@@ -15,6 +16,7 @@ from .weights import WeightsError, load_weights, save_weights
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActiveMLP",
     "CycleMLP",
     "MlpMixer",
     "VisionPermutator",

@@ -1,3 +1,4 @@
+from .activemlp import ActiveMLP
 from .cyclemlp import CycleMLP
 from .mixer import MlpMixer
 from .optimize import optimize_for_inference
@@ -6,6 +7,7 @@ from .vip import VisionPermutator
 
 __all__ = [
     "REGISTRY",
+    "ActiveMLP",
     "CycleMLP",
     "MlpMixer",
     "ModelEntry",
