@@ -415,3 +415,15 @@ def test_authors_initialisation_and_numerics():
     makers = [[j for j, block in enumerate(stage) if block.offset_layer is not None] for stage in model.blocks]
     assert makers == [[0], [0, 2], [0], [0, 2]]
     assert [stage[-1].downsample is not None for stage in model.blocks] == [True, True, True, False]
+
+
+def test_recipe_holds_the_authors_settings():
+    from allmlp.train.config import load_config
+
+    cfg = load_config("activemlp_xt_i1k")
+    assert cfg.model.name == "activemlp_xt" and cfg.model.drop_path_rate == 0.1
+    assert (cfg.optim.name, cfg.optim.weight_decay, cfg.optim.lr * 512 / cfg.train.batch_size) == ("adamw", 0.05, 5e-4)
+    assert cfg.train.ema_decay == 0.99996 and cfg.train.label_smoothing == 0.1 and cfg.train.epochs == 300
+    assert (cfg.schedule.warmup_epochs, cfg.schedule.warmup_start_lr, cfg.schedule.end_lr) == (5, 1e-6, 1e-5)
+    d = cfg.data
+    assert (d.mixup_alpha, d.cutmix_alpha, d.random_erasing, d.crop_pct) == (0.8, 1.0, 0.25, 0.875)

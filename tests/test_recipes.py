@@ -21,6 +21,7 @@ EXPECTED = {
     "mixer_cifar10_scratch",
     "cyclemlp_b1_i1k",
     "vip_s7_i1k",
+    "activemlp_xt_i1k",
 }
 
 
