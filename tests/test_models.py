@@ -11,14 +11,25 @@ import allmlp
 
 BATCH = 2
 FULL_DEPTH_LIMIT = 30_000_000
+# The fewest blocks per stage a family's constructor takes where it is more than one (ActiveMLP: a stage's first
+# block makes the offsets the others read).
+MIN_STAGE_DEPTH = {"ActiveMLP": 2}
+
+
+def shallow(name: str) -> dict:
+    """Overrides that build `name` with the fewest blocks: Mixer's `num_blocks`, the staged families' per-stage
+    block counts (`layers` or `depths`, whichever the constructor takes)."""
+    if name.startswith("mixer_"):
+        return {"num_blocks": 2}
+    entry = allmlp.get_entry(name)
+    key = "layers" if "layers" in entry.config else "depths"
+    return {key: [MIN_STAGE_DEPTH.get(entry.architecture.__name__, 1)] * len(entry.config[key])}
 
 
 def build(name: str, full_depth_limit: int = FULL_DEPTH_LIMIT) -> torch.nn.Module:
     with torch.device("meta"):
         params = sum(p.numel() for p in allmlp.create_model(name).parameters())
-    overrides = {}
-    if params > full_depth_limit:
-        overrides = {"num_blocks": 2} if name.startswith("mixer_") else {"layers": [1, 1, 1, 1]}
+    overrides = shallow(name) if params > full_depth_limit else {}
     torch.manual_seed(0)
     model = allmlp.create_model(name, num_classes=7, **overrides)
     with torch.no_grad():
