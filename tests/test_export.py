@@ -31,6 +31,10 @@ SMALL = {
             mlp_ratios=[2, 2],
         ),
     ),  # fmt: skip
+    "ActiveMLP": (
+        "activemlp_xt",
+        dict(img_size=19, depths=[2, 3], embed_dims=[8, 16], mlp_ratios=[2, 2], share_dims=[2, 4], intv=2),
+    ),
 }
 
 
