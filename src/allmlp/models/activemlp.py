@@ -15,7 +15,7 @@ The authors sample with torchvision's deform_conv2d (a 1x1 kernel, offsets zero 
 the sampling is linear interpolation between the two nearest pixels along the one axis, zero outside the
 image (`sample_along`): indices and weights are computed once per group of channels that shares an offset, the
 two taps are gathered from the channels-last tokens, and the result is bit-identical to deform_conv2d's sampled
-values (same positions, same weights, same products). It is several times faster than deform_conv2d, runs in
+values on x86 CPUs (same positions, same weights, same products). It is faster than deform_conv2d, runs in
 bfloat16 (positions in float32: bfloat16 cannot tell 55 from 55.2) and exports to ONNX (Gather / Floor / Clip,
 no custom op). Everything else follows the authors: LayerNorm eps 1e-5, exact (erf) GELU, their initialisation.
 """
@@ -172,7 +172,6 @@ class ActiveBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), gelu="erf")
         self.drop_path = DropPath(drop_path)
         self.downsample = downsample
-        self.share_dim = share_dim
         self.new_offset = new_offset
         self.offset_layer = (
             nn.Sequential(nn.LayerNorm(dim, eps=LAYER_NORM_EPS), nn.Linear(dim, dim * 2 // share_dim))
@@ -282,7 +281,6 @@ class ActiveMLP(ModelInterface, nn.Module):
         self.global_pool = check_global_pool(global_pool)
         self.grad_checkpointing = False
         self.head_drop = nn.Identity()  # the authors have no dropout before the head
-        self.intv = intv
         self.accepts = ("ActiveMLP", in_chans, (3, -1, 3, -1), f"(B, {in_chans}, H, W) with any H, W >= 3")
         self.pretrained_cfg = pretrained_cfg(
             (in_chans, *size), "patch_embed.proj", fixed_input_size=False, num_classes=num_classes
