@@ -47,6 +47,10 @@ SMALL = {
         "swinmlp_t_c24",
         dict(img_size=(16, 32), embed_dim=8, depths=[2, 1], num_heads=[2, 4], window_size=4, mlp_ratio=2.0),
     ),
+    "ActiveMLP": (
+        "activemlp_xt",
+        dict(img_size=19, depths=[2, 3], embed_dims=[8, 16], mlp_ratios=[2, 2], share_dims=[2, 4], intv=2),
+    ),
     "RepMLPNet": (  # two partitions of 4 x 4 in the first stage, one in the second
         "repmlpnet_t224",
         dict(img_size=[32, 16], num_blocks=[1, 1], channels=[8, 16], hs=[4, 4], ws=[4, 2], sharesets_nums=[2, 4]),
