@@ -3,6 +3,9 @@
 from .models import (
     CycleMLP,
     MlpMixer,
+    SMLPNet,
+    Spach,
+    SpachMS,
     VisionPermutator,
     create_model,
     get_entry,
@@ -17,6 +20,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CycleMLP",
     "MlpMixer",
+    "SMLPNet",
+    "Spach",
+    "SpachMS",
     "VisionPermutator",
     "WeightsError",
     "adapt_resolution",

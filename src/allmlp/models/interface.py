@@ -172,6 +172,14 @@ class ModelInterface:
         self.head = zero_head(self.num_features, num_classes).to(device=like.device, dtype=like.dtype)
         self.num_classes = self.config["num_classes"] = num_classes
 
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm on the tokens: `norm`, unless a family keeps it under its authors' name or in another
+        layout (then it overrides this and `_prune_final_norm`)."""
+        return self.norm(x)
+
+    def _prune_final_norm(self) -> None:
+        self.norm = nn.Identity()
+
     def _check_input(self, x: torch.Tensor) -> None:
         check_input(x, *self.accepts)
 
@@ -225,7 +233,7 @@ class ModelInterface:
                 intermediates.append(self._to_format(x if norm_layer is None else norm_layer(x), output_fmt))
         if intermediates_only:
             return intermediates
-        return (self.norm(x) if run == len(stages) else x), intermediates
+        return (self._final_norm(x) if run == len(stages) else x), intermediates
 
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
@@ -235,7 +243,7 @@ class ModelInterface:
         take, last = feature_take_indices(len(self._feature_stages()), indices)
         self._truncate(last)
         if prune_norm:
-            self.norm = nn.Identity()
+            self._prune_final_norm()
         if prune_head:
             self.reset_classifier(0, "")
         return take
