@@ -13,7 +13,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..weights import WeightsError, checkpoint_entries, load_weights, read_config, read_pretrained_cfg, read_state_dict
+from ..weights import (
+    WeightsError,
+    checkpoint_entries,
+    head_keys,
+    load_weights,
+    read_config,
+    read_pretrained_cfg,
+    read_state_dict,
+)
 from ..weights.hub import fetch_release
 from . import smlp, spach
 from .cyclemlp import CONFIGS as CYCLEMLP_CONFIGS
@@ -295,7 +303,7 @@ def create_model(
         reset_head = False
         if num_classes is not None:
             state_dict, _ = read_state_dict(weights, checkpoint_entries(model))
-            head = state_dict.get("head.weight")
+            head = state_dict.get(head_keys(model)[0])
             reset_head = head is not None and head.shape[0] != num_classes
             weights = state_dict
         load_weights(model, weights, reset_head=reset_head)
