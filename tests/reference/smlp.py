@@ -142,8 +142,12 @@ class sMLPNet(nn.Module):  # noqa: N801 - the authors' name
 
 
 def authors_smlpnet(config: dict) -> sMLPNet:
-    """The authors' model for an allmlp SMLPNet config (`global_pool` ignored: theirs always averages)."""
-    return sMLPNet(**{k: v for k, v in config.items() if k != "global_pool"})
+    """The authors' model for an allmlp SMLPNet config (`global_pool` ignored: theirs always averages); with
+    num_classes 0, timm's convention: no head (pre-logits out)."""
+    model = sMLPNet(**{k: v for k, v in config.items() if k != "global_pool"})
+    if config.get("num_classes") == 0:
+        model.mlp_head[0] = nn.Identity()
+    return model
 
 
 AUTHORS = {"SMLPNet": authors_smlpnet}

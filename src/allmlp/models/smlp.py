@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .entries import IN1K, ModelEntry, hosted, imagenet_preprocessing
 from .interface import ModelInterface, check_global_pool, pretrained_cfg
@@ -272,7 +273,7 @@ class SMLPNet(ModelInterface, nn.Module):
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
         if global_pool is not None:
             self.global_pool = self.config["global_pool"] = check_global_pool(global_pool)
-        like = self.batch_norm.running_var
+        like = next(self.parameters())
         self.mlp_head[0] = zero_head(self.num_features, num_classes).to(device=like.device, dtype=like.dtype)
         self.num_classes = self.config["num_classes"] = num_classes
 
@@ -352,6 +353,12 @@ class SMLPNet(ModelInterface, nn.Module):
                 if self.block_stages[block] == stage:
                     x = channel(token(x))
         return self._final_norm(x)
+
+    @torch.jit.unused
+    def _run_checkpointed(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """module(x) recomputed in the backward pass: a residual step or a downsampling conv, each as one (the
+        interface's version would run a Sequential's children one by one, skipping the residual add)."""
+        return checkpoint(module, x, use_reentrant=False)
 
     @torch.jit.unused
     def _run_stages_checkpointed(self, x: torch.Tensor) -> torch.Tensor:
