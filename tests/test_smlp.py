@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference.smlp import authors_smlpnet
 from torch import nn
 
 import allmlp
@@ -13,7 +14,6 @@ from allmlp.models.smlp import SMLPNet, SparseMLP
 from allmlp.tools.convert import convert
 
 from helpers import onnx_outputs, randomise
-from reference.smlp import authors_smlpnet
 
 KEYS = Path(__file__).parent / "data" / "keys"
 VARIANTS = {  # registered name: (key file, parameters as the authors' code counts them)
@@ -120,7 +120,8 @@ def test_train_mode_outputs_gradients_and_running_statistics_equal_the_authors()
 def test_proj_h_mixes_along_the_width_and_proh_w_along_the_height():
     block = SparseMLP(side=3, channels=2).eval()
     with torch.no_grad():
-        block.BN.weight.fill_(1.0), block.BN.bias.zero_(), block.BN.running_mean.zero_(), block.BN.running_var.fill_(1.0)
+        block.BN.weight.fill_(1.0), block.BN.bias.zero_()
+        block.BN.running_mean.zero_(), block.BN.running_var.fill_(1.0)
         block.BN.eps = 0.0
         shift = torch.roll(torch.eye(3), 1, dims=0)[:, :, None, None]  # output position i reads position i - 1
         for conv in (block.proj_h, block.proh_w):
@@ -213,7 +214,8 @@ def test_interface():
     assert features.shape == (2, 1, 1, 64) and features.is_contiguous()  # (B, H, W, C) after the BatchNorm
     assert torch.equal(ours(x), ours.forward_head(features))
     assert [info["reduction"] for info in ours.feature_info] == [4, 8, 16, 32]
-    assert [info["module"] for info in ours.feature_info] == ["channel_mix.0", "channel_mix.2", "channel_mix.3", "channel_mix.4"]
+    modules = ["channel_mix.0", "channel_mix.2", "channel_mix.3", "channel_mix.4"]  # each stage's last block
+    assert [info["module"] for info in ours.feature_info] == modules
     maps = ours.forward_intermediates(x, intermediates_only=True)
     assert [tuple(m.shape) for m in maps] == [(2, 8, 9, 9), (2, 16, 4, 4), (2, 32, 2, 2), (2, 64, 1, 1)]
     assert ours.pretrained_cfg["classifier"] == "mlp_head.0" and ours.get_classifier() is ours.mlp_head[0]
