@@ -236,7 +236,17 @@ def _config(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "global_pool"}
 
 
-AUTHORS = {
-    "Spach": lambda config: Spach(**_config(config)),
-    "SpachMS": lambda config: SpachMS(**_config(config)),
-}
+def _authors(cls):
+    """The authors' model for an allmlp config (`global_pool` ignored: theirs always averages); with num_classes 0,
+    timm's convention: no head (pre-logits out)."""
+
+    def build(config: dict) -> nn.Module:
+        model = cls(**_config(config))
+        if config.get("num_classes") == 0:
+            model.head = nn.Identity()
+        return model
+
+    return build
+
+
+AUTHORS = {"Spach": _authors(Spach), "SpachMS": _authors(SpachMS)}

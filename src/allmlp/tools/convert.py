@@ -30,7 +30,7 @@ def model_for_weights(src: str | os.PathLike, model_name: str | None = None, gel
         model = create_model(model_name, num_classes=num_classes, **overrides)
     elif parse_config_metadata(metadata) is not None:
         return create_model(src) if gelu is None else create_model(src, gelu=gelu)
-    elif "stem.proj.weight" in state_dict:
+    elif "stem.proj.weight" in state_dict and "blocks.0.mlp_tokens.fc1.weight" in state_dict:  # Mixer (timm names)
         if gelu is None:
             gelu = "tanh" if detect_format(src) == "npz" else "erf"
         model = MlpMixer(**config_from_state_dict(state_dict, gelu))
