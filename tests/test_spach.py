@@ -120,7 +120,8 @@ def test_forward_equals_the_authors_code(cls, config):
     x = torch.randn(2, config.get("in_chans", 3), size, size)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(ours.forward_features(x).flatten(1, 2), theirs.forward_features(x), atol=1e-5, rtol=1e-5)
+        tokens = ours.forward_features(x).flatten(1, 2)  # (B, H, W, C) -> the authors' (B, N, C)
+        torch.testing.assert_close(tokens, theirs.forward_features(x), atol=1e-5, rtol=1e-5)
         small = x * 1e-3  # low amplitude: the LayerNorms' eps (1e-6) matters
         torch.testing.assert_close(ours(small), theirs(small), atol=1e-5, rtol=1e-5)
 
