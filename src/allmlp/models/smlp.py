@@ -141,18 +141,20 @@ class FeedForward(nn.Module):
 
 class TokensConv(nn.Sequential):
     """The authors' `to_patch_embedding[i]` (a Sequential holding one strided Conv2d without bias), giving (B, H, W,
-    C) tokens: from the NCHW image for the stem (read channels_last, so the output tokens are contiguous), from
-    (B, H, W, C) tokens between stages."""
+    C) tokens: from the NCHW image for the stem, from (B, H, W, C) tokens between stages."""
 
     def __init__(self, conv: nn.Conv2d, from_image: bool):
         super().__init__(conv)
         self.from_image = from_image
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=torch.channels_last) if self.from_image else x.permute(0, 3, 1, 2)
+        if not self.from_image:
+            x = x.permute(0, 3, 1, 2)
         for module in self:
             x = module(x)
-        return x.permute(0, 2, 3, 1)
+        # the stem's NCHW output is copied once into row-major tokens (a channels_last image would avoid the copy,
+        # but torch.func.vmap cannot convert memory formats); the later convs read and write channels_last views
+        return x.permute(0, 2, 3, 1).contiguous() if self.from_image else x.permute(0, 2, 3, 1)
 
 
 def _positive_int(value, name: str) -> int:

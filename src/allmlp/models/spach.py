@@ -154,7 +154,9 @@ class SpatialMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
-        tokens = x.reshape(batch, height * width, channels).transpose(1, 2)
+        # one copy to (B, C, N), as the authors' Linear makes on their transposed view; made here explicitly so the
+        # product runs the same kernel with and without autograd (matmul treats a strided 3-D input differently)
+        tokens = x.reshape(batch, height * width, channels).transpose(1, 2).contiguous()
         tokens = self.drop(self.fc2(self.drop(self.act(self.fc1(tokens)))))
         return tokens.transpose(1, 2).reshape(batch, height, width, channels)  # a view: no copy back
 
@@ -199,7 +201,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+        return self.proj(x).permute(0, 2, 3, 1)  # norm1, next, writes contiguous (B, H, W, C) tokens
 
 
 class Conv4PatchEmbed(nn.Module):
@@ -223,7 +225,7 @@ class Conv4PatchEmbed(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+        return self.proj(x).permute(0, 2, 3, 1)
 
 
 def stem_side(size: int, patch_size: int, stem_type: str) -> int:
