@@ -21,6 +21,8 @@ EXPECTED = {
     "mixer_cifar10_scratch",
     "cyclemlp_b1_i1k",
     "vip_s7_i1k",
+    "smlpnet_s_i1k",
+    "spach_ms_mlp_s_i1k",
 }
 
 
@@ -98,3 +100,18 @@ def test_cyclemlp_and_vip_recipes():
     assert cyc.optim.lr * 512 / cyc.train.batch_size == 5e-4 and cyc.schedule.warmup_epochs == 5
     assert vip.optim.lr == 2e-3 and vip.train.batch_size == 2048 and vip.schedule.warmup_epochs == 20
     assert vip.data.crop_pct == 0.9
+
+
+@pytest.mark.parametrize("name, model", [("smlpnet_s_i1k", "smlpnet_s"), ("spach_ms_mlp_s_i1k", "spach_ms_mlp_s")])
+def test_spach_repository_recipes_build_their_model(name, model):
+    """microsoft/SPACH main.py defaults: lr 5e-4 x 1024 / 512, 20 warmup epochs; sMLPNet's stochastic depth is its
+    constructor's dp_rate (0.2 for S), which the trainer's drop_path_rate reaches under timm's name."""
+    from allmlp.train.engine import build_model, model_img_size
+
+    cfg = load_config(name)
+    assert cfg.model.name == model and cfg.optim.lr == 1e-3 and cfg.train.batch_size == 1024
+    assert cfg.schedule.warmup_epochs == 20 and cfg.optim.weight_decay == 0.05 and cfg.data.crop_pct == 0.875
+    built = build_model(cfg, 10)
+    assert model_img_size(cfg) == 224 and built.num_classes == 10
+    expected = {"smlpnet_s": ("dp_rate", 0.2), "spach_ms_mlp_s": ("drop_path_rate", 0.1)}[model]
+    assert built.config[expected[0]] == expected[1]

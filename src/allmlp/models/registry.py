@@ -214,7 +214,27 @@ def get_release(name: str, tag: str | None = None) -> WeightRelease:
     raise ValueError(f"{name} has no release {tag!r}; published: {', '.join(r.tag for r in entry.releases)}")
 
 
+def architecture_names(architecture: type[nn.Module], config: Mapping) -> dict:
+    """`config` with timm's argument names (`img_size`, `drop_path_rate`, as create_model and the trainer pass them)
+    renamed to the authors' where a family keeps theirs (its `timm_names`, e.g. sMLPNet's `image_size`, `dp_rate`)."""
+    renamed = dict(config)
+    for timm_name, own in getattr(architecture, "timm_names", {}).items():
+        if timm_name in renamed:
+            renamed[own] = renamed.pop(timm_name)
+    return renamed
+
+
+def timm_named(architecture: type[nn.Module], config: Mapping) -> dict:
+    """The inverse of `architecture_names`: a family's config with timm's names (what the trainer reads)."""
+    renamed = dict(config)
+    for timm_name, own in getattr(architecture, "timm_names", {}).items():
+        if own in renamed:
+            renamed[timm_name] = renamed.pop(own)
+    return renamed
+
+
 def _build(architecture: type[nn.Module], config: dict) -> nn.Module:
+    config = architecture_names(architecture, config)
     accepted = set(inspect.signature(architecture.__init__).parameters) - {"self"}
     unknown = sorted(set(config) - accepted)
     if unknown:

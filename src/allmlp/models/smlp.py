@@ -166,7 +166,11 @@ def _positive_int(value, name: str) -> int:
 class SMLPNet(ModelInterface, nn.Module):
     """sMLPNet with the authors' argument names (their class `sMLPNet`); `forward_features` gives the (B, H, W, C)
     tokens after the final BatchNorm. The feature maps (`forward_intermediates`, `features_only`) are the stages'
-    outputs, at strides patch_size * 1, 2, 4, 8; the input size is fixed by `image_size` (see the module doc)."""
+    outputs, at strides patch_size * 1, 2, 4, 8; the input size is fixed by `image_size` (see the module doc).
+    `create_model` (and the trainer) take timm's names `img_size` and `drop_path_rate` for `image_size` and
+    `dp_rate` (`timm_names`); the model has no dropout, so no `drop_rate`."""
+
+    timm_names = {"img_size": "image_size", "drop_path_rate": "dp_rate"}
 
     def __init__(
         self,
