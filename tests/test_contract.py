@@ -145,7 +145,7 @@ NOT_SCRIPTABLE: dict[str, str] = {
 # Opacus 1.6 computes per-sample gradients of Conv2d with an `as_strided` unfold (opacus/utils/tensor_utils.py
 # unfold2d) that assumes contiguous NCHW activations: for a conv fed a channels_last map its grad_sample is wrong
 # (silently). SpachMS feeds its downsampling and its 'pass' blocks' depthwise convs channels_last views of the
-# (B, H, W, C) tokens (the depthwise conv is 15x faster so in bfloat16); its 'mlp' blocks pass only because Opacus
+# (B, H, W, C) tokens (oneDNN's fast layout for bfloat16 depthwise convs); its 'mlp' blocks pass only because Opacus
 # falls back to torch.func for a module with its own parameter (gamma_1), which covers the conv inside.
 OPACUS_WRONG: dict[str, str] = {
     "spach_ms": "Opacus' conv grad sampler ignores the strides of channels_last inputs (unfold2d's as_strided)",
