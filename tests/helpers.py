@@ -122,6 +122,52 @@ def tiny_vip(**overrides) -> nn.Module:
     return allmlp.VisionPermutator(**{**config, **overrides})
 
 
+def tiny_resmlp(**overrides) -> nn.Module:
+    config = dict(img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=16, depth=2, init_scale=0.1)
+    return allmlp.ResMLP(**{**config, **overrides})
+
+
+def tiny_gmlp(**overrides) -> nn.Module:
+    config = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=16, num_blocks=2, mlp_ratio=3)
+    return allmlp.GMLP(**{**config, **overrides})
+
+
+def tiny_gmixer(**overrides) -> nn.Module:
+    config = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=16, num_blocks=2, mlp_ratio=[1.0, 4.0])
+    return allmlp.GMixer(**{**config, **overrides})
+
+
+def tiny_msmlp(**overrides) -> nn.Module:
+    config = dict(
+        img_size=32,
+        patch_size=4,
+        num_classes=10,
+        embed_dim=10,
+        depths=[1, 1, 1, 1],
+        shift_size=5,
+        shift_dist=[-2, -1, 0, 1, 2],
+        mix_size=[[1, 3, 5, 7, 3], [3, 1, 5, 3, 7], [5, 3, 1, 3, 3], [3, 3, 3, 1, 1]],
+        mlp_ratio=2,
+        drop_path_rate=0.0,
+    )
+    return allmlp.MSMLP(**{**config, **overrides})
+
+
+def tiny_convmlp(**overrides) -> nn.Module:
+    config = dict(
+        blocks=[1, 1, 1],
+        dims=[8, 16, 24],
+        mlp_ratios=[2, 2, 2],
+        channels=8,
+        n_conv_blocks=1,
+        classifier_head=True,
+        num_classes=10,
+        drop_path_rate=0.0,
+        global_pool="avg",
+    )
+    return allmlp.ConvMLP(**{**config, **overrides})
+
+
 # A recipe's model section: a 1-block Mixer for the grey 28x28 demo digits (tiny, for CLI and engine tests).
 TINY_DEMO_MODEL = {
     "name": "mixer_s16_224",

@@ -11,7 +11,7 @@ import pytest
 
 import allmlp
 from allmlp.cli import main
-from allmlp.tools.bench import Case, Settings, bench, expand_cases, model_flops
+from allmlp.tools.bench import Case, Settings, bench, expand_cases, expand_models, model_flops
 
 COLUMNS = ["img/s", "ms/batch", "vs peer", "GFLOP/s", "of GEMM", "peak MB", "act. MB"]
 QUICK = ["--models", "mixer_s32_224", "--batch-sizes", "1", "--rounds", "1", "--warmup", "1", "--gemm-size", "64"]
@@ -50,9 +50,20 @@ def test_bad_settings_are_named(call, fragment):
         call()
 
 
-def test_a_model_timm_lacks_cannot_be_compared():
-    with pytest.raises(ValueError, match="timm has no 'mixer_s8_224'"):
-        bench([Case("mixer_s8_224", 1, "fp32", "inference", False)], Settings(compare="timm"), log=lambda _: None)
+def test_a_model_timm_lacks_is_timed_without_a_peer():
+    logs = []
+    rows = bench([Case("mixer_s8_224", 1, "fp32", "inference", False)], Settings(compare="timm", rounds=1,
+                 warmup=1), log=logs.append)  # fmt: skip
+    assert "timm has no mixer_s8_224: timed without a peer" in logs
+    assert [(row.impl, row.ratio_to_peer) for row in rows] == [("allmlp", None)]
+
+
+def test_models_are_names_or_patterns():
+    assert expand_models(["cyclemlp_b[12]", "vip_*", "cyclemlp_b1"]) == ["cyclemlp_b1", "cyclemlp_b2", "vip_l7",
+                                                                           "vip_m7", "vip_s7"]  # fmt: skip
+    assert set(expand_models(["*"])) == set(allmlp.list_models())
+    with pytest.raises(ValueError, match="unknown model 'resnet_\\*'"):
+        expand_models(["resnet_*"])
 
 
 def test_cli_reports_bad_input(capsys):

@@ -28,7 +28,20 @@ from torch.nn.utils import parametrize, prune
 import allmlp
 from allmlp.models.registry import ARCHITECTURES
 
-from helpers import randomise, tiny_cyclemlp, tiny_mixer, tiny_smlpnet, tiny_spach, tiny_spach_ms, tiny_vip
+from helpers import (
+    randomise,
+    tiny_convmlp,
+    tiny_cyclemlp,
+    tiny_gmixer,
+    tiny_gmlp,
+    tiny_mixer,
+    tiny_msmlp,
+    tiny_resmlp,
+    tiny_smlpnet,
+    tiny_spach,
+    tiny_spach_ms,
+    tiny_vip,
+)
 
 BATCH = 2
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
@@ -62,7 +75,13 @@ class Family:
     classifier: bool = True  # False: a dense backbone (fork_feat) without pooling or head
     fixed_input_size: bool = True
     stage_counts: int = 0  # how many feature_info entries the tiny model has
-    batch_norm: bool = False  # BatchNorm layers: per-sample gradients exist in eval mode only (batch statistics mix)
+    norm_after_pool: bool = False  # the final norm follows the pooling (per-token logits: head(norm(token)))
+    smallest_input: int = 3  # any-size families: the smallest height and width the model takes
+    dynamic_min: int = 35  # any-size families: the smallest side of the dynamic export range (stage grids >= 2)
+    # BatchNorm layers: in training they normalise by batch statistics, so one sample's gradient depends on the
+    # others' and per-sample gradients are defined in eval mode only; Opacus refuses BatchNorm outright (its
+    # ModuleValidator.fix swaps in GroupNorm, which is what a private training of such a model uses)
+    batch_norm: bool = False
 
 
 FAMILIES = {
@@ -105,6 +124,69 @@ FAMILIES = {
         dict(layers=[1, 1, 1, 1]),
         stage_counts=2,
     ),
+    "resmlp": Family(
+        tiny_resmlp,
+        (32, 32),
+        "ResMLP",
+        "blocks.1.mlp.fc2",
+        "resmlp_12_224",
+        dict(depth=2, img_size=64, embed_dim=16),
+        stage_counts=2,
+    ),
+    "gmlp": Family(
+        tiny_gmlp,
+        (32, 32),
+        "GMLP",
+        "blocks.1.mlp_channels.fc2",
+        "gmlp_ti16_224",
+        dict(num_blocks=2, img_size=64, embed_dim=16),
+        stage_counts=2,
+    ),
+    "gmixer": Family(
+        tiny_gmixer,
+        (32, 32),
+        "GMixer",
+        "blocks.1.mlp_channels.fc2",
+        "gmixer_12_224",
+        dict(num_blocks=2, img_size=64, embed_dim=16),
+        stage_counts=2,
+    ),
+    "msmlp": Family(
+        tiny_msmlp,
+        (32, 32),
+        "MSMLP",
+        "layers.3.blocks.0.pwconv2",
+        "msmlp_t",
+        dict(depths=[1, 1, 1, 1]),
+        fixed_input_size=False,
+        stage_counts=4,
+        norm_after_pool=True,
+        smallest_input=32,
+        dynamic_min=64,
+    ),
+    "convmlp": Family(
+        tiny_convmlp,
+        (32, 32),
+        "ConvMLP",
+        "stages.2.blocks.0.channel_mlp2.fc2",
+        "convmlp_s",
+        dict(blocks=[1, 1, 1], n_conv_blocks=1),
+        fixed_input_size=False,
+        stage_counts=4,
+        batch_norm=True,
+    ),
+    "convmlp_backbone": Family(
+        partial(tiny_convmlp, classifier_head=False),
+        (32, 32),
+        "ConvMLP",
+        "stages.2.blocks.0.channel_mlp2.fc2",
+        "convmlp_s",
+        dict(blocks=[1, 1, 1], n_conv_blocks=1, classifier_head=False),
+        classifier=False,
+        fixed_input_size=False,
+        stage_counts=4,
+        batch_norm=True,
+    ),
     "smlpnet": Family(
         tiny_smlpnet,
         (64, 64),
@@ -139,17 +221,30 @@ CLASSIFIERS = [name for name, family in FAMILIES.items() if family.classifier]
 NOT_SCRIPTABLE: dict[str, str] = {
     "cyclemlp_fork": "fork_feat's forward is forward_intermediates(norm=True), which TorchScript cannot compile "
     "(f-string errors, int-or-list indices)",
+    "convmlp_backbone": "classifier_head=False's forward is forward_intermediates, which TorchScript cannot compile "
+    "(f-string errors, int-or-list indices)",
 }
 
-
-# Opacus 1.6 computes per-sample gradients of Conv2d with an `as_strided` unfold (opacus/utils/tensor_utils.py
-# unfold2d) that assumes contiguous NCHW activations: for a conv fed a channels_last map its grad_sample is wrong
-# (silently). SpachMS feeds its downsampling and its 'pass' blocks' depthwise convs channels_last views of the
-# (B, H, W, C) tokens (oneDNN's fast layout for bfloat16 depthwise convs); its 'mlp' blocks pass only because Opacus
-# falls back to torch.func for a module with its own parameter (gamma_1), which covers the conv inside.
+# Opacus's per-sample gradients that are known to be wrong; xfail(strict=True) entries with the reason
 OPACUS_WRONG: dict[str, str] = {
-    "spach_ms": "Opacus' conv grad sampler ignores the strides of channels_last inputs (unfold2d's as_strided)",
+    family: "Opacus 1.6 computes Conv2d per-sample gradients with unfold2d, an as_strided that assumes contiguous "
+    "NCHW activations: for channels_last ones (ConvMLP's convolutions all read channels_last memory; the authors' "
+    "own depthwise and downsampling convs do too) its grad_sample is silently wrong"
+    for family in ("convmlp", "convmlp_backbone")
 }
+# SpachMS feeds its downsampling and its 'pass' blocks' depthwise convs channels_last views of the (B, H, W, C) tokens
+# (oneDNN's fast layout for bfloat16 depthwise convs); its 'mlp' blocks pass only because Opacus falls back to
+# torch.func for a module with a parameter of its own (gamma_1), which then covers the conv inside. Spach (one stage,
+# 'mlp' blocks only) passes that way.
+OPACUS_WRONG["spach_ms"] = OPACUS_WRONG["convmlp"].replace("ConvMLP's convolutions all", "SpachMS's downsampling and "
+                                                           "'pass'-block convs")  # fmt: skip
+# sMLPNet (after ModuleValidator.fix, BatchNorm -> GroupNorm): its depthwise and fuse convs read channels_last maps,
+# and its token projections fold the rows (or nothing) into the conv's batch dimension, (B*H, W, C, 1), so the
+# "per-sample" gradients Opacus records are per row.
+OPACUS_WRONG["smlpnet"] = (
+    "Opacus 1.6's Conv2d grad sampler assumes contiguous NCHW activations (sMLPNet's convs read channels_last "
+    "views) and a batch-first conv input (proj_h reads the tokens as a (B*H, W, C, 1) map)"
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -563,18 +658,16 @@ def test_only_one_deep_linear_trainable(family, train):
 
 @ALL
 def test_opacus_grad_samples_equal_per_sample_gradients(family, request):
-    from opacus import GradSampleModule
-
     if family in OPACUS_WRONG:
         request.applymarker(pytest.mark.xfail(reason=OPACUS_WRONG[family], strict=True))
+    from opacus import GradSampleModule
+    from opacus.validators import ModuleValidator
 
     model = make(family).train()
+    if FAMILIES[family].batch_norm:
+        model = ModuleValidator.fix(model)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     x = image(family, batch=3)
-    if FAMILIES[family].batch_norm:  # batch statistics mix the samples: Opacus refuses BatchNorm, naming it
-        with pytest.raises(NotImplementedError, match="BatchNorm2d"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            GradSampleModule(model, batch_first=True, loss_reduction="sum")
-        return
     expected = per_sample_grads_by_loop(model, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -733,8 +826,7 @@ def test_functional_call(family):
 def test_vmap_grad_gives_per_sample_gradients(family):
     from torch.func import functional_call, grad, vmap
 
-    # with BatchNorm, per-sample gradients exist with the running statistics only (eval mode)
-    model = make(family).train(not FAMILIES[family].batch_norm)
+    model = make(family).train(not FAMILIES[family].batch_norm)  # BatchNorm: running statistics (see Family)
     x = image(family, batch=3)
     expected = per_sample_grads_by_loop(model, x)
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -789,10 +881,15 @@ EXPORT_SIZES = {  # (batch, height, width) the dynamic program is checked at
     "smlpnet": [(1, 64, 64), (3, 64, 64), (5, 64, 64)],
     "spach_ms": [(1, 64, 64), (3, 64, 64), (5, 64, 64)],
     "spach": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
+    "resmlp": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
+    "gmlp": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
+    "gmixer": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
+    "msmlp": [(1, 64, 64), (3, 70, 96), (2, 128, 64), (1, 97, 66)],
+    "convmlp": [(1, 35, 35), (3, 40, 64), (2, 64, 64), (1, 97, 50)],
+    "convmlp_backbone": [(1, 35, 35), (2, 41, 70), (1, 64, 64)],
 }
-# CycleMLP's documented dynamic height/width range (README): every stage grid at least 2x2, i.e. H, W >= 35
-STAGED_DYNAMIC_MIN = 35
 STAGED = [name for name, family in FAMILIES.items() if not family.fixed_input_size]
+CYCLEMLPS = [name for name in STAGED if FAMILIES[name].architecture == "CycleMLP"]  # Cycle FC's export limits
 
 
 def export(model: nn.Module, x: torch.Tensor, dynamic: dict, oblivious: bool = False):
@@ -811,43 +908,49 @@ def assert_exported_matches(family: str, exported: nn.Module, model: nn.Module, 
 
 @ALL
 def test_torch_export_with_dynamic_shapes(family):
-    """A dynamic batch everywhere; CycleMLP also a dynamic height and width over its documented range."""
+    """A dynamic batch everywhere; the any-size families also a dynamic height and width over their documented range
+    (CycleMLP's README: every stage grid at least 2x2, i.e. H, W >= 35; MS-MLP: >= 64)."""
     from torch.export import Dim
 
     model = make(family).eval()
     dynamic = {0: Dim("batch", min=1, max=64)}
     example = image(family)
     if family in STAGED:
-        dynamic |= {2: Dim("height", min=STAGED_DYNAMIC_MIN, max=256), 3: Dim("width", min=STAGED_DYNAMIC_MIN, max=256)}
+        low = FAMILIES[family].dynamic_min
+        dynamic |= {2: Dim("height", min=low, max=256), 3: Dim("width", min=low, max=256)}
         example = image(family, size=(64, 64))
     assert_exported_matches(family, export(model, example, dynamic), model, EXPORT_SIZES[family])
 
 
 @pytest.mark.parametrize("family", STAGED)
-def test_cyclemlp_export_at_the_smallest_input(family):
-    """3x3, the smallest input CycleMLP takes (every stage grid 1x1), exports with a static size."""
+def test_export_at_the_smallest_input(family):
+    """The smallest input an any-size family takes (every stage grid 1x1; CycleMLP 3x3, MS-MLP 32x32) exports with a
+    static size."""
     from torch.export import Dim
 
     model = make(family).eval()
-    exported = export(model, image(family, size=(3, 3)), {0: Dim("batch", min=1, max=64)})
-    assert_exported_matches(family, exported, model, [(1, 3, 3), (3, 3, 3)])
+    side = FAMILIES[family].smallest_input
+    exported = export(model, image(family, size=(side, side)), {0: Dim("batch", min=1, max=64)})
+    assert_exported_matches(family, exported, model, [(1, side, side), (3, side, side)])
 
 
-@pytest.mark.parametrize("family", STAGED)
+@pytest.mark.parametrize("family", CYCLEMLPS)
 @pytest.mark.xfail(
     strict=True,
-    reason="one program cannot cover 3x3 inputs (1x1 grids) and larger ones: torch.export guards grid != 1 in "
-    "Cycle FC, "
-    "whose shift is a depthwise conv on a channels-last view (with a conv-free shift the classifier exports over "
-    "3..256; fork_feat still guards in Cycle FC under forward_intermediates)",
+    reason="one program cannot cover the smallest inputs (1x1 grids) and larger ones: torch.export guards grid != 1 "
+    "in a depthwise conv on a channels-last view (CycleMLP's Cycle FC shift, MS-MLP's mixing convs; with a "
+    "conv-free shift the CycleMLP classifier exports over 3..256; fork_feat still guards in Cycle FC under "
+    "forward_intermediates)",
 )
 def test_cyclemlp_export_dynamic_down_to_3x3(family):
     from torch.export import Dim
 
     model = make(family).eval()
-    dynamic = {0: Dim("batch", min=1, max=64), 2: Dim("height", min=3, max=256), 3: Dim("width", min=3, max=256)}
+    side = FAMILIES[family].smallest_input  # CycleMLP: 3x3
+    dynamic = {0: Dim("batch", min=1, max=64), 2: Dim("height", min=side, max=256), 3: Dim("width", min=side, max=256)}
     exported = export(model, image(family), dynamic, oblivious=True)
-    assert_exported_matches(family, exported, model, [(1, 3, 3), (3, 17, 40), (2, 32, 32), (1, 64, 48)])
+    sizes = [(1, side, side), (3, side + 14, side + 37), (2, side + 29, side + 29), (1, side + 61, side + 45)]
+    assert_exported_matches(family, exported, model, sizes)
 
 
 @ALL
@@ -904,8 +1007,8 @@ def test_forward_intermediates(family):
     # norm=True: the last stage normalised is the final features
     (last,) = taken([-1], norm=True)
     torch.testing.assert_close(last, to_nchw(features, *grid(model, count - 1, size)), atol=1e-6, rtol=1e-6)
-    # the token formats: Mixer NLC, the staged families NHWC
-    fmt = "NLC" if family == "mixer" else "NHWC"
+    # the token formats: the isotropic families (Mixer, ResMLP, gMLP, gMixer) NLC, the staged families NHWC
+    fmt = model.token_format
     for got, expected in zip(taken(None, output_fmt=fmt), maps, strict=True):
         if fmt == "NLC":
             assert got.ndim == 3
@@ -1021,8 +1124,13 @@ def test_global_pool_and_reset_classifier(family):
         features = model.forward_features(x)
     assert pooled.shape == (BATCH, 10)
     assert per_token.shape == (*features.shape[:-1], 10) and per_token.ndim >= 3
-    torch.testing.assert_close(per_token, model.get_classifier()(features), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(per_token.reshape(BATCH, -1, 10).mean(1), pooled, atol=1e-5, rtol=1e-5)
+    if FAMILIES[family].norm_after_pool:  # the norm of pooled features (MS-MLP) normalises each token instead
+        torch.testing.assert_close(per_token, model.get_classifier()(model.norm(features)), atol=1e-6, rtol=1e-6)
+        pooled_features = model.norm(features.mean(dim=tuple(range(1, features.ndim - 1))))
+        torch.testing.assert_close(pooled, model.get_classifier()(pooled_features), atol=1e-6, rtol=1e-6)
+    else:
+        torch.testing.assert_close(per_token, model.get_classifier()(features), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(per_token.reshape(BATCH, -1, 10).mean(1), pooled, atol=1e-5, rtol=1e-5)
 
     model.reset_classifier(5)
     assert model.num_classes == 5 and model(x).shape == (BATCH, 5)
@@ -1079,7 +1187,9 @@ def test_group_matcher_covers_every_parameter(family):
         layer_of = group_parameters(model, matcher, reverse=True)
         assert set(layer_of) == {n for n, _ in model.named_parameters()}
         stem = {layer_of[n] for n in layer_of if n.startswith(first_conv + ".")}
-        stages = [{layer_of[n] for n in layer_of if n.startswith(m + ".")} for m in feature_modules(model)]
+        # a feature output may be the stem itself (ConvMLP's tokenizer, its stride-4 map): that is the stem group
+        outputs = [m for m in feature_modules(model) if not first_conv.startswith(m + ".")]
+        stages = [{layer_of[n] for n in layer_of if n.startswith(m + ".")} for m in outputs]
         assert len(stem) == 1 and all(stages)
         if not coarse:
             assert max(stem) < min(stages[0]), "the stem is not the first group"
@@ -1166,7 +1276,7 @@ def test_stage_activations_are_batch_first(family):
     for i, name in enumerate(names):
         h, w = grid(model, i, size)
         channels = model.feature_info[i]["num_chs"]
-        if family == "mixer":
+        if model.token_format == "NLC":
             assert outputs[name].shape == inputs_batch[name].shape == (3, h * w, channels), name
         else:
             assert outputs[name].shape == (3, h, w, channels), name

@@ -31,6 +31,17 @@ SMALL = {
             mlp_ratios=[2, 2],
         ),
     ),  # fmt: skip
+    "ResMLP": ("resmlp_12_224", dict(img_size=(16, 24), patch_size=4, embed_dim=16, depth=2)),
+    "GMLP": ("gmlp_s16_224", dict(img_size=(16, 24), patch_size=4, embed_dim=16, num_blocks=2)),
+    "GMixer": ("gmixer_24_224", dict(img_size=(16, 24), patch_size=4, embed_dim=16, num_blocks=2)),
+    "MSMLP": (  # 32 = the smallest input of 4 stages at patch 4; shifts of 2 wrap the 1x1 and 2x2 grids
+        "msmlp_t",
+        dict(img_size=32, embed_dim=10, depths=[1, 1, 1, 1], mlp_ratio=2),
+    ),
+    "ConvMLP": (
+        "convmlp_s",
+        dict(img_size=37, blocks=[1, 1], dims=[8, 16], mlp_ratios=[2, 2], channels=8, n_conv_blocks=1),
+    ),
 }
 
 

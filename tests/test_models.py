@@ -13,12 +13,20 @@ BATCH = 2
 FULL_DEPTH_LIMIT = 30_000_000
 
 
+def shallower(config: dict) -> dict:
+    """The override that leaves 2 blocks (Mixer) or 1 block per stage, whatever the family calls its depths."""
+    for key in ("num_blocks", "depth", "layers", "depths", "blocks"):
+        if key in config:
+            return {key: 2 if isinstance(config[key], int) else [1] * len(config[key])}
+    raise KeyError(f"no depth option among {sorted(config)}")
+
+
 def build(name: str, full_depth_limit: int = FULL_DEPTH_LIMIT) -> torch.nn.Module:
     with torch.device("meta"):
         params = sum(p.numel() for p in allmlp.create_model(name).parameters())
     overrides = {}
     if params > full_depth_limit:
-        overrides = {"num_blocks": 2} if name.startswith("mixer_") else {"layers": [1, 1, 1, 1]}
+        overrides = shallower(allmlp.get_entry(name).config)
     torch.manual_seed(0)
     model = allmlp.create_model(name, num_classes=7, **overrides)
     with torch.no_grad():

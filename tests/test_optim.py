@@ -11,7 +11,7 @@ from torch import nn
 from allmlp.train.config import ConfigError, OptimConfig, RunConfig, ScheduleConfig, check_run_config
 from allmlp.train.optim import Schedule, build_optimizer, layer_ids, parameter_groups
 
-from helpers import tiny_cyclemlp, tiny_mixer, tiny_vip
+from helpers import tiny_convmlp, tiny_cyclemlp, tiny_mixer, tiny_resmlp, tiny_vip
 
 
 class Stand(nn.Module):
@@ -131,8 +131,8 @@ def test_layer_decay_needs_a_group_matcher():
 
 @pytest.mark.parametrize(
     "build",
-    [tiny_mixer, tiny_cyclemlp, tiny_vip],
-    ids=["mixer", "cyclemlp", "vip"],
+    [tiny_mixer, tiny_cyclemlp, tiny_vip, tiny_convmlp],
+    ids=["mixer", "cyclemlp", "vip", "convmlp"],
 )
 def test_every_family_decays_from_head_to_stem(build):
     model = build()
@@ -142,3 +142,31 @@ def test_every_family_decays_from_head_to_stem(build):
     assert ordered == sorted(ordered)  # parameters are registered from the input to the output
     assert scales[f"{stem}.weight"][0] == min(ordered) < 0.8 and scales["head.weight"][0] == 1.0
     assert len(set(ordered)) > 3  # stem, blocks or stages, head
+
+
+def test_lamb_steps_as_timms_lamb():
+    """ResMLP's optimizer: allmlp's LAMB takes timm's steps (timm's own gradient clipping off; allmlp clips in the
+    training loop), the trust ratio on decayed weights only, plain Adam on the rest."""
+    from timm.optim import Lamb as TimmLamb
+
+    from allmlp.train.optim import Lamb
+
+    torch.manual_seed(0)
+    ours_model = tiny_resmlp()
+    theirs_model = tiny_resmlp()
+    theirs_model.load_state_dict(ours_model.state_dict())
+    cfg = OptimConfig(name="lamb", lr=5e-3, weight_decay=0.2, eps=1e-6)
+    ours = build_optimizer(ours_model, cfg)
+    assert isinstance(ours, Lamb)
+    theirs = TimmLamb(parameter_groups(theirs_model, 0.2), lr=5e-3, eps=1e-6, max_grad_norm=None)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for _ in range(4):
+        for model, optimizer in ((ours_model, ours), (theirs_model, theirs)):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    mine = dict(ours_model.named_parameters())
+    for name, p in theirs_model.named_parameters():
+        torch.testing.assert_close(mine[name], p, atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="Lamb: lr and eps > 0"):
+        Lamb(ours_model.parameters(), lr=0.0)

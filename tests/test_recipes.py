@@ -21,6 +21,9 @@ EXPECTED = {
     "mixer_cifar10_scratch",
     "cyclemlp_b1_i1k",
     "vip_s7_i1k",
+    "resmlp_12_224_i1k",
+    "msmlp_t_i1k",
+    "convmlp_s_i1k",
     "smlpnet_s_i1k",
     "spach_ms_mlp_s_i1k",
 }
@@ -100,6 +103,26 @@ def test_cyclemlp_and_vip_recipes():
     assert cyc.optim.lr * 512 / cyc.train.batch_size == 5e-4 and cyc.schedule.warmup_epochs == 5
     assert vip.optim.lr == 2e-3 and vip.train.batch_size == 2048 and vip.schedule.warmup_epochs == 20
     assert vip.data.crop_pct == 0.9
+
+
+def test_resmlp_recipe_has_the_papers_settings():
+    cfg = load_config("resmlp_12_224_i1k")
+    assert cfg.model.name == "resmlp_12_224"
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("lamb", 5e-3, 0.2)
+    assert (cfg.train.batch_size, cfg.train.epochs) == (2048, 400)
+    assert cfg.data.crop_pct == 0.9 == allmlp.get_entry("resmlp_12_224").preprocessing.crop_pct
+
+
+def test_msmlp_recipe_follows_the_authors_config():
+    cfg = load_config("msmlp_t_i1k")
+    assert cfg.model.name == "msmlp_t" and cfg.model.drop_path_rate == 0.1
+    assert (cfg.optim.name, cfg.optim.weight_decay, cfg.optim.clip_grad_norm) == ("adamw", 0.05, 5.0)
+    assert cfg.optim.lr * 512 / cfg.train.batch_size == 5e-4  # main.py's linear scaling
+    assert cfg.schedule.warmup_start_lr * 512 / cfg.train.batch_size == 5e-7
+    assert cfg.schedule.end_lr * 512 / cfg.train.batch_size == 5e-6
+    assert (cfg.schedule.warmup_epochs, cfg.train.epochs, cfg.train.label_smoothing) == (20, 300, 0.1)
+    assert (cfg.data.mixup_alpha, cfg.data.cutmix_alpha, cfg.data.random_erasing) == (0.8, 1.0, 0.25)
+    assert cfg.data.crop_pct == allmlp.get_entry("msmlp_t").preprocessing.crop_pct == 0.875
 
 
 @pytest.mark.parametrize("name, model", [("smlpnet_s_i1k", "smlpnet_s"), ("spach_ms_mlp_s_i1k", "spach_ms_mlp_s")])

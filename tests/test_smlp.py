@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reference.smlp import authors_smlpnet
 from torch import nn
 
 import allmlp
@@ -14,6 +13,7 @@ from allmlp.models.smlp import SMLPNet, SparseMLP
 from allmlp.tools.convert import convert
 
 from helpers import onnx_outputs, randomise
+from reference.smlp import authors_smlpnet
 
 KEYS = Path(__file__).parent / "data" / "keys"
 VARIANTS = {  # registered name: (key file, parameters as the authors' code counts them)

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reference.spach import AUTHORS
 from torch import nn
 
 import allmlp
@@ -15,6 +14,7 @@ from allmlp.models.spach import Spach, SpachMS
 from allmlp.tools.convert import convert
 
 from helpers import onnx_outputs, randomise
+from reference.spach import AUTHORS
 
 KEYS = Path(__file__).parent / "data" / "keys"
 VARIANTS = {  # registered name: (key file, parameters as the authors' code counts them)

@@ -46,7 +46,7 @@ def test_recipe_file_path(tmp_path):
         ("optim.lr=fast", ["optim.lr", "a number", "'fast'"]),
         ("train.steps=2.5", ["train.steps", "an integer"]),
         ("train.channels_last=yes please", ["train.channels_last", "true or false"]),
-        ("optim.name=lamb", ["optim.name", "adam, adamw, sgd"]),
+        ("optim.name=lars", ["optim.name", "adam, adamw, sgd, lamb"]),
         ("optim.betas=[0.9]", ["optim.betas", "a list"]),
         ("data.kind=mnist", ["data.kind", "demo"]),  # the data section's own check
         ("optim=3", ["optim is a section"]),

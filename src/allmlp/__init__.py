@@ -1,8 +1,13 @@
 """allmlp: all-MLP vision models (MLP-Mixer, CycleMLP, Vision Permutator) with their published weights."""
 
 from .models import (
+    GMLP,
+    MSMLP,
+    ConvMLP,
     CycleMLP,
+    GMixer,
     MlpMixer,
+    ResMLP,
     SMLPNet,
     Spach,
     SpachMS,
@@ -18,8 +23,13 @@ from .weights import WeightsError, load_weights, save_weights
 __version__ = "0.1.0"
 
 __all__ = [
+    "MSMLP",
+    "ConvMLP",
     "CycleMLP",
+    "GMLP",
+    "GMixer",
     "MlpMixer",
+    "ResMLP",
     "SMLPNet",
     "Spach",
     "SpachMS",

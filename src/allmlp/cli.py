@@ -566,7 +566,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--compare timm, timm's same architecture gets the same weights and inputs, and rounds interleave so that "
         "noise hits both alike. Prints a table and writes results.csv and results.json to --out.",
     )
-    p.add_argument("--models", nargs="+", default=["mixer_b16_224"], help="registered model names")
+    p.add_argument(
+        "--models", nargs="+", default=["mixer_b16_224"], help="registered model names or patterns ('cyclemlp_*', '*')"
+    )
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[16])
     p.add_argument(
         "--dtypes",

@@ -1,17 +1,26 @@
+from .convmlp import ConvMLP
 from .cyclemlp import CycleMLP
+from .gmlp import GMLP, GMixer
 from .mixer import MlpMixer
+from .msmlp import MSMLP
 from .optimize import optimize_for_inference
 from .registry import REGISTRY, ModelEntry, Preprocessing, WeightRelease, create_model, get_entry, list_models
+from .resmlp import ResMLP
 from .smlp import SMLPNet
 from .spach import Spach, SpachMS
 from .vip import VisionPermutator
 
 __all__ = [
     "REGISTRY",
+    "MSMLP",
+    "ConvMLP",
     "CycleMLP",
+    "GMLP",
+    "GMixer",
     "MlpMixer",
     "ModelEntry",
     "Preprocessing",
+    "ResMLP",
     "SMLPNet",
     "Spach",
     "SpachMS",

@@ -38,9 +38,10 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..atomic import write_bytes_atomic
-from ..models.layers import to_pair
+from ..models.mixer import MlpMixer
 from ..models.optimize import optimize_for_inference
-from ..models.registry import create_model, list_models
+from ..models.registry import create_model, get_entry, list_models
+from ..weights import load_weights
 
 DTYPES = ("fp32", "bf16", "bf16-autocast")
 MODES = ("inference", "train")
@@ -97,6 +98,17 @@ class Row:
     rounds_ms: list[float]
 
 
+def expand_models(patterns: Iterable[str]) -> list[str]:
+    """Registered names from names or shell-style patterns ('cyclemlp_*', '*'), in the order given."""
+    names: list[str] = []
+    for pattern in patterns:
+        matched = list_models(pattern)
+        if not matched:
+            get_entry(pattern)  # raises: an unknown model, with the closest registered names
+        names += [name for name in matched if name not in names]
+    return names
+
+
 def expand_cases(
     models: Iterable[str],
     batch_sizes: Iterable[int],
@@ -108,11 +120,7 @@ def expand_cases(
 ) -> list[Case]:
     """Every combination, validated; training runs with and without grad checkpointing when asked to compare;
     `optimize_for_inference` only where it applies (eager inference in the model's dtype: it ignores autocast)."""
-    models, dtypes, modes = list(models), list(dtypes), list(modes)
-    known = set(list_models())
-    for name in models:
-        if name not in known:
-            raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(known))}")
+    models, dtypes, modes = expand_models(models), list(dtypes), list(modes)
     for dtype in dtypes:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -153,20 +161,22 @@ def _timm():
     return timm
 
 
-def check_peer(peer: str, models: Iterable[str]) -> None:
-    """Fail before hours of timing, not in the middle: the peer must have every model."""
+def peer_has(models: Iterable[str]) -> set[str]:
+    """The models the peer (timm) has under the same name; the others run without a peer."""
     available = set(_timm().list_models())
-    missing = [name for name in models if name not in available]
-    if missing:
-        raise ValueError(f"{peer} has no {', '.join(map(repr, missing))} to compare with")
+    return {name for name in models if name in available}
 
 
-def _build(impl: str, name: str, gelu: str | None, reference: nn.Module | None) -> nn.Module:
-    if impl == IMPL:
-        return create_model(name, **({} if gelu is None else {"gelu": gelu}))
-    model = _timm().create_model(name, pretrained=False)
-    model.load_state_dict(reference.state_dict())
-    return model
+def _build(name: str, gelu: str | None, peer: str | None) -> tuple[nn.Module, nn.Module | None]:
+    """allmlp's model and the peer's with the same weights: the peer's random ones, loaded into allmlp's model
+    through `load_weights` (which reads the peer's names). GELU is a choice for MLP-Mixer only."""
+    overrides = {"gelu": gelu} if gelu is not None and get_entry(name).architecture is MlpMixer else {}
+    ours = create_model(name, **overrides)
+    if peer is None:
+        return ours, None
+    theirs = _timm().create_model(name, pretrained=False)
+    load_weights(ours, theirs.state_dict())
+    return ours, theirs
 
 
 class Step:
@@ -180,8 +190,7 @@ class Step:
             model.set_grad_checkpointing(True)
         model = model.to(device)
         generator = torch.Generator().manual_seed(0)  # the same inputs for allmlp and the peer
-        in_chans, size = reference.config["in_chans"], to_pair(reference.config["img_size"], "img_size")
-        self.images = torch.randn(case.batch_size, in_chans, *size, generator=generator).to(device)
+        self.images = torch.randn(case.batch_size, *input_size(reference), generator=generator).to(device)
         if case.mode == "inference":
             model.eval()
             if case.dtype == "bf16":
@@ -191,7 +200,7 @@ class Step:
             self.optimizer = None
         else:
             model.train()
-            classes = max(reference.config["num_classes"], 1)
+            classes = max(reference.num_classes, 1)
             self.labels = torch.randint(0, classes, (case.batch_size,), generator=generator).to(device)
             self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)  # the training engine's optimizer
         self.model = model
@@ -259,7 +268,7 @@ def model_flops(name: str, batch_size: int, mode: str) -> int:
     """
     with torch.device("meta"):
         model = create_model(name)
-        images = torch.empty(batch_size, model.config["in_chans"], *to_pair(model.config["img_size"], "img_size"))
+        images = torch.empty(batch_size, *input_size(model))
     with FlopCounterMode(display=False) as counter:
         out = model(images)
         if mode == "train":
@@ -330,17 +339,21 @@ def _cpu_memory(step: Step) -> tuple[float, float | None]:
     return float(peak), float(after_forward) if step.optimizer is not None else None
 
 
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of the images the model is built for."""
+    return tuple(model.pretrained_cfg["input_size"])
+
+
 def _check_same_function(ours: nn.Module, peer: nn.Module, name: str) -> float:
-    """Max |difference| of the float32 features (the final norm's tokens) on two random images; a peer that
-    computes something else is an error. Features, not logits: a new Mixer's head is zero, so its logits are."""
-    images = torch.randn(
-        2,
-        ours.config["in_chans"],
-        *to_pair(ours.config["img_size"], "img_size"),
-        generator=torch.Generator().manual_seed(1),
-    )
+    """Max |difference| of the float32 pooled features on two random images; a peer that computes something else
+    is an error. Features, not logits: a new Mixer's head is zero, so its logits are."""
+    images = torch.randn(2, *input_size(ours), generator=torch.Generator().manual_seed(1))
+
+    def features(model: nn.Module) -> torch.Tensor:
+        return model.forward_head(model.forward_features(images), pre_logits=True)
+
     with torch.no_grad():
-        a, b = ours.eval().forward_features(images), peer.eval().forward_features(images)
+        a, b = features(ours.eval()), features(peer.eval())
     diff = (a - b).abs().max().item()
     if not diff <= 1e-4 * max(1.0, b.abs().max().item()):
         raise ValueError(f"allmlp and the peer disagree on {name}: max |feature difference| {diff:.3g}")
@@ -396,10 +409,9 @@ def run_case(case: Case, settings: Settings, log: Callable[[str], None], peer_ca
         raise ValueError(f"the peer must run the same model, batch size and mode: {case} vs {peer_case}")
     device = torch.device(settings.device)
     torch.manual_seed(0)
-    ours = _build(IMPL, case.model, settings.allmlp_gelu, None)
     peer = settings.compare
+    ours, peer_model = _build(case.model, settings.allmlp_gelu, peer)
     if peer is not None:
-        peer_model = _build(peer, case.model, settings.allmlp_gelu, ours)
         diff = _check_same_function(ours, peer_model, case.model)
         log(f"  same weights, float32 features agree with {peer}: max |difference| {diff:.1e}")
     steps = {IMPL: Step(ours, case, device, settings.freezing, ours, settings.clock)}
@@ -467,12 +479,14 @@ def bench(cases: Iterable[Case], settings: Settings, log: Callable[[str], None] 
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     cases = list(cases)
-    if settings.compare is not None:
-        check_peer(settings.compare, sorted({case.model for case in cases}))
+    models = sorted({case.model for case in cases})
+    compared = peer_has(models) if settings.compare is not None else set()
+    if settings.compare is not None and set(models) - compared:
+        log(f"{settings.compare} has no {', '.join(sorted(set(models) - compared))}: timed without a peer")
     rows: list[Row] = []
     for index, case in enumerate(cases, 1):
         log(f"[{index}/{len(cases)}] {case}")
-        rows.extend(run_case(case, settings, log))
+        rows.extend(run_case(case, settings if case.model in compared else replace(settings, compare=None), log))
     return rows
 
 

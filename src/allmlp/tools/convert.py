@@ -30,7 +30,7 @@ def model_for_weights(src: str | os.PathLike, model_name: str | None = None, gel
         model = create_model(model_name, num_classes=num_classes, **overrides)
     elif parse_config_metadata(metadata) is not None:
         return create_model(src) if gelu is None else create_model(src, gelu=gelu)
-    elif "stem.proj.weight" in state_dict and "blocks.0.mlp_tokens.fc1.weight" in state_dict:  # Mixer (timm names)
+    elif is_timm_mixer(state_dict):
         if gelu is None:
             gelu = "tanh" if detect_format(src) == "npz" else "erf"
         model = MlpMixer(**config_from_state_dict(state_dict, gelu))
@@ -43,11 +43,24 @@ def model_for_weights(src: str | os.PathLike, model_name: str | None = None, gel
     return load_weights(model, src)  # read again: the model says which entry of a training checkpoint to take
 
 
+def is_timm_mixer(state_dict: dict[str, torch.Tensor]) -> bool:
+    """MLP-Mixer weights in timm's (= allmlp's) names. timm's gMixer has the same names, but its gated MLPs' fc1 is
+    twice as wide as fc2's input; gMLP has no `mlp_tokens`, and timm's ResMLP is renamed to FB's names on reading.
+    Those go to `registered_variant_for`."""
+    fc1, fc2 = state_dict.get("blocks.0.mlp_tokens.fc1.weight"), state_dict.get("blocks.0.mlp_tokens.fc2.weight")
+    return "stem.proj.weight" in state_dict and fc1 is not None and fc2 is not None and fc1.shape[0] == fc2.shape[1]
+
+
+# constructor options that give a registered model's weights another layout: dense backbones, deploy forms
+_OTHER_FORMS = (("fork_feat", True), ("deploy", True), ("classifier_head", False))
+
+
 def _variants(name: str) -> list[dict]:
     """The configurations a registered model's weights can come in: with a head (of any size), and where the
-    architecture has them, as a dense-prediction backbone (`fork_feat`) or in deploy form (`deploy`)."""
+    architecture has them, as a dense-prediction backbone (`fork_feat=True`, ConvMLP's `classifier_head=False`) or
+    in deploy form (`deploy`)."""
     accepted = inspect.signature(get_entry(name).architecture.__init__).parameters
-    return [{}] + [{option: True} for option in ("fork_feat", "deploy") if option in accepted]
+    return [{}] + [{option: value} for option, value in _OTHER_FORMS if option in accepted]
 
 
 def registered_variant_for(state_dict: dict[str, torch.Tensor]) -> nn.Module:

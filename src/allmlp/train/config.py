@@ -53,13 +53,15 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adam", "adamw", "sgd"] = option("adamw", "adam (L2 in the gradient), adamw (decoupled), sgd")
+    name: Literal["adam", "adamw", "sgd", "lamb"] = option(
+        "adamw", "adam (L2 in the gradient), adamw (decoupled), sgd, lamb (layer-wise trust ratio, as ResMLP)"
+    )
     lr: float = option(1e-3, "peak learning rate for the global batch")
     weight_decay: float = option(
         0.0, "decay of >= 2-D weights; never of 1-D params (biases, norms) nor of the model's no_weight_decay()"
     )
-    betas: tuple[float, float] = option((0.9, 0.999), "adam/adamw betas")
-    eps: float = option(1e-8, "adam/adamw epsilon")
+    betas: tuple[float, float] = option((0.9, 0.999), "adam/adamw/lamb betas")
+    eps: float = option(1e-8, "adam/adamw/lamb epsilon (LAMB's usual value: 1e-6)")
     momentum: float = option(0.9, "sgd momentum")
     nesterov: bool = option(False, "sgd Nesterov momentum")
     clip_grad_norm: float | None = option(1.0, "global-norm gradient clipping; null: off")

@@ -84,8 +84,52 @@ def parameter_groups(model: nn.Module, weight_decay: float, layer_decay: float |
     return groups
 
 
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al., 2020, arXiv 1904.00962) as NVIDIA's and timm's implementations compute it (ResMLP's
+    optimizer): Adam moments with bias correction, the update m / (sqrt(v) + eps) plus weight_decay * w, scaled per
+    parameter by the trust ratio ||w|| / ||update|| (1 where either is 0). Parameters without weight decay (biases,
+    norms, layer scales) take the plain Adam step, as in those implementations. Global gradient clipping is the
+    training loop's (`optim.clip_grad_norm`), not the optimizer's."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
+        if lr <= 0 or eps <= 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Lamb: lr and eps > 0, weight_decay >= 0, betas in [0, 1); got {lr}, {eps}, "
+                             f"{weight_decay}, {tuple(betas)}")  # fmt: skip
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            group["step"] = group.get("step", 0) + 1
+            correction1, correction2 = 1 - beta1 ** group["step"], 1 - beta2 ** group["step"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.lerp_(p.grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                update = (exp_avg / correction1).div_((exp_avg_sq.sqrt() / correction2**0.5).add_(group["eps"]))
+                if group["weight_decay"] != 0:
+                    update.add_(p, alpha=group["weight_decay"])
+                    w_norm, u_norm = p.norm(), update.norm()
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                    update.mul_(trust)
+                p.add_(update, alpha=-group["lr"])
+        return loss
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = parameter_groups(model, cfg.weight_decay, cfg.layer_decay)
+    if cfg.name == "lamb":
+        return Lamb(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     # PyTorch's AdamW decays by lr_t * weight_decay per step, so big_vision's decoupled wd 1e-4 at lr 1e-3 is 0.1
