@@ -18,6 +18,10 @@ def shallower(config: dict) -> dict:
     for key in ("num_blocks", "depth", "layers", "depths", "blocks"):
         if key in config:
             return {key: 2 if isinstance(config[key], int) else [1] * len(config[key])}
+    if "net_arch" in config:  # SPACH: (mixer, depth) pairs, one list of them per stage in SpachMS
+        arch = config["net_arch"]
+        staged = isinstance(arch[0][0], (list, tuple))
+        return {"net_arch": [[[mixer, 1] for mixer, _ in stage] for stage in arch] if staged else [[arch[0][0], 2]]}
     raise KeyError(f"no depth option among {sorted(config)}")
 
 
