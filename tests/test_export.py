@@ -42,6 +42,12 @@ SMALL = {
         "convmlp_s",
         dict(img_size=37, blocks=[1, 1], dims=[8, 16], mlp_ratios=[2, 2], channels=8, n_conv_blocks=1),
     ),
+    "SMLPNet": ("smlpnet_t", dict(img_size=32, dim=8, alpha=2, depths=[1, 1, 1, 1])),  # img_size: its image_size
+    "SpachMS": (
+        "spach_ms_mlp_xxs",
+        dict(img_size=64, hidden_dim=8, net_arch=[[["pass", 1]], [["mlp", 1]], [["mlp", 1]], [["mlp", 1]]]),
+    ),
+    "Spach": ("spach_mlp_xxs", dict(img_size=32, patch_size=8, hidden_dim=16, net_arch=[["mlp", 1], ["pass", 1]])),
 }
 
 
