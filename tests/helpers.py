@@ -168,6 +168,33 @@ def tiny_convmlp(**overrides) -> nn.Module:
     return allmlp.ConvMLP(**{**config, **overrides})
 
 
+def tiny_asmlp(**overrides) -> nn.Module:
+    config = dict(
+        img_size=64,
+        embed_dim=8,
+        depths=[1, 1, 1, 1],
+        shift_size=3,
+        mlp_ratio=2.0,
+        num_classes=10,
+        drop_path_rate=0.0,
+    )
+    return allmlp.ASMLP(**{**config, **overrides})
+
+
+def tiny_swinmlp(**overrides) -> nn.Module:
+    config = dict(
+        img_size=32,  # an 8x8 grid in windows of 4 (the odd blocks shifted), then one 4x4 window (clamped)
+        embed_dim=8,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=4,
+        mlp_ratio=2.0,
+        num_classes=10,
+        drop_path_rate=0.0,
+    )
+    return allmlp.SwinMLP(**{**config, **overrides})
+
+
 # A recipe's model section: a 1-block Mixer for the grey 28x28 demo digits (tiny, for CLI and engine tests).
 TINY_DEMO_MODEL = {
     "name": "mixer_s16_224",

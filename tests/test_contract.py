@@ -30,6 +30,7 @@ from allmlp.models.registry import ARCHITECTURES
 
 from helpers import (
     randomise,
+    tiny_asmlp,
     tiny_convmlp,
     tiny_cyclemlp,
     tiny_gmixer,
@@ -40,6 +41,7 @@ from helpers import (
     tiny_smlpnet,
     tiny_spach,
     tiny_spach_ms,
+    tiny_swinmlp,
     tiny_vip,
 )
 
@@ -82,6 +84,16 @@ class Family:
     # others' and per-sample gradients are defined in eval mode only; Opacus refuses BatchNorm outright (its
     # ModuleValidator.fix swaps in GroupNorm, which is what a private training of such a model uses)
     batch_norm: bool = False
+    # Opacus's own Conv2d grad sampler unfolds activations with as_strided, assuming contiguous NCHW: convs fed
+    # channels-last views (AS-MLP's 1x1 convs on (B, H, W, C) tokens, ConvMLP's convs) get wrong per-sample
+    # gradients there, so
+    # such families are checked with Opacus's functorch sampler (force_functorch=True), which is exact
+    opacus_functorch: bool = False
+    # LoRA also targets the 1x1 Conv2d channel maps (AS-MLP's, whose only Linear is the head)
+    lora_pointwise_convs: bool = False
+    # inputs whose sides are multiples of this (up to the stem's rounding; AS-MLP's patch merging needs even grids):
+    # the dynamic-shape export then uses multiples of it, from a 2x2 last-stage grid up
+    size_step: int = 1
 
 
 FAMILIES = {
@@ -174,6 +186,7 @@ FAMILIES = {
         fixed_input_size=False,
         stage_counts=4,
         batch_norm=True,
+        opacus_functorch=True,
     ),
     "convmlp_backbone": Family(
         partial(tiny_convmlp, classifier_head=False),
@@ -186,6 +199,29 @@ FAMILIES = {
         fixed_input_size=False,
         stage_counts=4,
         batch_norm=True,
+        opacus_functorch=True,
+    ),
+    "asmlp": Family(
+        tiny_asmlp,
+        (64, 64),
+        "ASMLP",
+        "head",  # AS-MLP's only Linear: its channel maps are 1x1 convolutions, as in the authors' code
+        "asmlp_t",
+        dict(depths=[1, 1, 1, 1], embed_dim=8),
+        fixed_input_size=False,
+        stage_counts=4,
+        opacus_functorch=True,
+        lora_pointwise_convs=True,
+        size_step=32,
+    ),
+    "swinmlp": Family(
+        tiny_swinmlp,
+        (32, 32),
+        "SwinMLP",
+        "layers.1.blocks.1.mlp.fc2",
+        "swinmlp_b",
+        dict(depths=[1, 1, 1, 1], embed_dim=32),
+        stage_counts=2,
     ),
     "smlpnet": Family(
         tiny_smlpnet,
@@ -196,6 +232,7 @@ FAMILIES = {
         dict(depths=[1, 1, 1, 1]),
         stage_counts=4,
         batch_norm=True,
+        opacus_functorch=True,
     ),
     "spach_ms": Family(
         tiny_spach_ms,
@@ -205,6 +242,7 @@ FAMILIES = {
         "spach_ms_mlp_xxs",
         dict(net_arch=[[["pass", 1]], [["mlp", 1]], [["mlp", 1]], [["mlp", 1]]]),
         stage_counts=4,
+        opacus_functorch=True,
     ),
     "spach": Family(
         tiny_spach,
@@ -214,6 +252,7 @@ FAMILIES = {
         "spach_mlp_xxs",
         dict(net_arch=[["mlp", 2]]),
         stage_counts=2,
+        opacus_functorch=True,
     ),
 }
 CLASSIFIERS = [name for name, family in FAMILIES.items() if family.classifier]
@@ -225,28 +264,8 @@ NOT_SCRIPTABLE: dict[str, str] = {
     "(f-string errors, int-or-list indices)",
 }
 
+
 # Opacus's per-sample gradients that are known to be wrong; xfail(strict=True) entries with the reason
-OPACUS_WRONG: dict[str, str] = {
-    family: "Opacus 1.6 computes Conv2d per-sample gradients with unfold2d, an as_strided that assumes contiguous "
-    "NCHW activations: for channels_last ones (ConvMLP's convolutions all read channels_last memory; the authors' "
-    "own depthwise and downsampling convs do too) its grad_sample is silently wrong"
-    for family in ("convmlp", "convmlp_backbone")
-}
-# SpachMS feeds its downsampling and its 'pass' blocks' depthwise convs channels_last views of the (B, H, W, C) tokens
-# (oneDNN's fast layout for bfloat16 depthwise convs); its 'mlp' blocks pass only because Opacus falls back to
-# torch.func for a module with a parameter of its own (gamma_1), which then covers the conv inside. Spach (one stage,
-# 'mlp' blocks only) passes that way.
-OPACUS_WRONG["spach_ms"] = OPACUS_WRONG["convmlp"].replace("ConvMLP's convolutions all", "SpachMS's downsampling and "
-                                                           "'pass'-block convs")  # fmt: skip
-# sMLPNet (after ModuleValidator.fix, BatchNorm -> GroupNorm): its depthwise and fuse convs read channels_last maps,
-# and its token projections fold the rows (or nothing) into the conv's batch dimension, (B*H, W, C, 1), so the
-# "per-sample" gradients Opacus records are per row.
-OPACUS_WRONG["smlpnet"] = (
-    "Opacus 1.6's Conv2d grad sampler assumes contiguous NCHW activations (sMLPNet's convs read channels_last "
-    "views) and a batch-first conv input (proj_h reads the tokens as a (B*H, W, C, 1) map)"
-)
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """The models are tiny: a second intra-op thread buys nothing, and on a loaded machine every parallel region
@@ -300,6 +319,14 @@ def hooked_modules(model: nn.Module) -> dict[str, nn.Module]:
 def linear_names(model: nn.Module, head: bool = False) -> list[str]:
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "head")  # timm's models too
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and (head or n != classifier)]
+
+
+def lora_names(model: nn.Module, family: str | None = None) -> list[str]:
+    """The LoRA targets: every Linear but the head, and 1x1 convolutions where the family maps channels by them."""
+    names = linear_names(model)
+    if family is not None and FAMILIES[family].lora_pointwise_convs:
+        names += [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
+    return names
 
 
 def feature_modules(model: nn.Module) -> list[str]:
@@ -431,11 +458,11 @@ def test_hooks_that_modify_inputs_or_outputs_change_the_output(family):
 # 2. LoRA: PEFT and by hand
 
 
-def peft_lora(model: nn.Module, seed: int = 3) -> nn.Module:
+def peft_lora(model: nn.Module, seed: int = 3, family: str | None = None) -> nn.Module:
     """PEFT LoRA (r=4) on every Linear but the head, lora_A and lora_B drawn at random (B is zero by default)."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(target_modules=linear_names(model), r=4, lora_alpha=8, init_lora_weights=False)
+    config = LoraConfig(target_modules=lora_names(model, family), r=4, lora_alpha=8, init_lora_weights=False)
     peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -447,15 +474,18 @@ def peft_lora(model: nn.Module, seed: int = 3) -> nn.Module:
 
 @ALL
 def test_peft_lora(family):
+    from peft.tuners.lora import Conv2d as LoraConv2d
     from peft.tuners.lora import Linear as LoraLinear
 
     base = make(family).eval()
-    targets = linear_names(base)
+    targets = lora_names(base, family)
     x = image(family)
     with torch.no_grad():
         base_out = base(x)
-    lora = peft_lora(copy.deepcopy(base)).eval()
-    wrapped = {n.removeprefix("base_model.model.") for n, m in lora.named_modules() if isinstance(m, LoraLinear)}
+    lora = peft_lora(copy.deepcopy(base), family=family).eval()
+    wrapped = {
+        n.removeprefix("base_model.model.") for n, m in lora.named_modules() if isinstance(m, (LoraLinear, LoraConv2d))
+    }
     assert wrapped == set(targets)
     out = lora(x)
     assert_differs(out, base_out, margin=1e-3)
@@ -467,31 +497,36 @@ def test_peft_lora(family):
     for name, p in lora_params.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
     merged = lora.merge_and_unload().eval()
-    assert not any(isinstance(m, LoraLinear) for m in merged.modules())
+    assert not any(isinstance(m, (LoraLinear, LoraConv2d)) for m in merged.modules())
     with torch.no_grad():
         assert_same(merged(x), flat(out).detach())
 
 
 class HandLoRA(nn.Module):
-    """LoRA by module replacement: base(x) + x A^T B^T, base frozen."""
+    """LoRA by module replacement: base(x) + x A^T B^T over the features (a 1x1 conv's channels), base frozen."""
 
-    def __init__(self, base: nn.Linear, rank: int, generator: torch.Generator):
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, generator: torch.Generator):
         super().__init__()
         self.base = base.requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features, generator=generator) * 0.2)
-        self.lora_B = nn.Parameter(torch.randn(base.out_features, rank, generator=generator) * 0.2)
+        self.channels = isinstance(base, nn.Conv2d)
+        features_in, features_out = base.weight.shape[1], base.weight.shape[0]
+        self.lora_A = nn.Parameter(torch.randn(rank, features_in, generator=generator) * 0.2)
+        self.lora_B = nn.Parameter(torch.randn(features_out, rank, generator=generator) * 0.2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels:
+            low_rank = (x.movedim(1, -1) @ self.lora_A.t()) @ self.lora_B.t()
+            return self.base(x) + low_rank.movedim(-1, 1)
         return self.base(x) + (x @ self.lora_A.t()) @ self.lora_B.t()
 
     def merged_weight(self) -> torch.Tensor:
-        return self.base.weight + self.lora_B @ self.lora_A
+        return self.base.weight + (self.lora_B @ self.lora_A).reshape(self.base.weight.shape)
 
 
-def hand_lora(model: nn.Module, seed: int = 3) -> nn.Module:
+def hand_lora(model: nn.Module, seed: int = 3, family: str | None = None) -> nn.Module:
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
-    for name in sorted(linear_names(model)):
+    for name in sorted(lora_names(model, family)):
         replace_module(model, name, HandLoRA(model.get_submodule(name), 4, generator))
     return model
 
@@ -502,12 +537,12 @@ def test_lora_by_module_replacement(family):
     x = image(family)
     with torch.no_grad():
         base_out = base(x)
-    lora = hand_lora(copy.deepcopy(base))
+    lora = hand_lora(copy.deepcopy(base), family=family)
     out = lora(x)
     assert_differs(out, base_out, margin=1e-3)
     loss_of(out).backward()
     wrappers = {n: m for n, m in lora.named_modules() if isinstance(m, HandLoRA)}
-    assert set(wrappers) == set(linear_names(base))
+    assert set(wrappers) == set(lora_names(base, family))
     for name, wrapper in wrappers.items():
         for p in (wrapper.lora_A, wrapper.lora_B):
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
@@ -657,9 +692,7 @@ def test_only_one_deep_linear_trainable(family, train):
 
 
 @ALL
-def test_opacus_grad_samples_equal_per_sample_gradients(family, request):
-    if family in OPACUS_WRONG:
-        request.applymarker(pytest.mark.xfail(reason=OPACUS_WRONG[family], strict=True))
+def test_opacus_grad_samples_equal_per_sample_gradients(family):
     from opacus import GradSampleModule
     from opacus.validators import ModuleValidator
 
@@ -671,7 +704,9 @@ def test_opacus_grad_samples_equal_per_sample_gradients(family, request):
     expected = per_sample_grads_by_loop(model, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        private = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        private = GradSampleModule(
+            model, batch_first=True, loss_reduction="sum", force_functorch=FAMILIES[family].opacus_functorch
+        )
         loss_of(private(x)).backward()
     for name, p in model.named_parameters():
         assert getattr(p, "grad_sample", None) is not None, f"{name} has no grad_sample"
@@ -887,6 +922,8 @@ EXPORT_SIZES = {  # (batch, height, width) the dynamic program is checked at
     "msmlp": [(1, 64, 64), (3, 70, 96), (2, 128, 64), (1, 97, 66)],
     "convmlp": [(1, 35, 35), (3, 40, 64), (2, 64, 64), (1, 97, 50)],
     "convmlp_backbone": [(1, 35, 35), (2, 41, 70), (1, 64, 64)],
+    "asmlp": [(1, 64, 64), (3, 64, 96), (2, 128, 64), (1, 96, 256)],
+    "swinmlp": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
 }
 STAGED = [name for name, family in FAMILIES.items() if not family.fixed_input_size]
 CYCLEMLPS = [name for name in STAGED if FAMILIES[name].architecture == "CycleMLP"]  # Cycle FC's export limits
@@ -909,20 +946,25 @@ def assert_exported_matches(family: str, exported: nn.Module, model: nn.Module, 
 @ALL
 def test_torch_export_with_dynamic_shapes(family):
     """A dynamic batch everywhere; the any-size families also a dynamic height and width over their documented range
-    (CycleMLP's README: every stage grid at least 2x2, i.e. H, W >= 35; MS-MLP: >= 64)."""
+    (CycleMLP's README: every stage grid at least 2x2, i.e. H, W >= 35; MS-MLP: >= 64; AS-MLP: multiples of 32)."""
     from torch.export import Dim
 
     model = make(family).eval()
     dynamic = {0: Dim("batch", min=1, max=64)}
     example = image(family)
-    if family in STAGED:
+    step = FAMILIES[family].size_step
+    if family in STAGED and step > 1:
+        rows, cols = Dim("rows", min=2, max=256 // step), Dim("cols", min=2, max=256 // step)
+        dynamic |= {2: step * rows, 3: step * cols}
+        example = image(family, size=(2 * step, 3 * step))
+    elif family in STAGED:
         low = FAMILIES[family].dynamic_min
         dynamic |= {2: Dim("height", min=low, max=256), 3: Dim("width", min=low, max=256)}
         example = image(family, size=(64, 64))
     assert_exported_matches(family, export(model, example, dynamic), model, EXPORT_SIZES[family])
 
 
-@pytest.mark.parametrize("family", STAGED)
+@pytest.mark.parametrize("family", [name for name in STAGED if FAMILIES[name].size_step == 1])
 def test_export_at_the_smallest_input(family):
     """The smallest input an any-size family takes (every stage grid 1x1; CycleMLP 3x3, MS-MLP 32x32) exports with a
     static size."""
@@ -938,9 +980,8 @@ def test_export_at_the_smallest_input(family):
 @pytest.mark.xfail(
     strict=True,
     reason="one program cannot cover the smallest inputs (1x1 grids) and larger ones: torch.export guards grid != 1 "
-    "in a depthwise conv on a channels-last view (CycleMLP's Cycle FC shift, MS-MLP's mixing convs; with a "
-    "conv-free shift the CycleMLP classifier exports over 3..256; fork_feat still guards in Cycle FC under "
-    "forward_intermediates)",
+    "in a depthwise conv on a channels-last view (CycleMLP's Cycle FC shift; with a conv-free shift the CycleMLP "
+    "classifier exports over 3..256; fork_feat still guards in Cycle FC under forward_intermediates)",
 )
 def test_cyclemlp_export_dynamic_down_to_3x3(family):
     from torch.export import Dim
@@ -1248,8 +1289,10 @@ def test_resolve_model_data_config_gives_the_registry_preprocessing(name):
     with torch.device("meta"):
         model = allmlp.create_model(name)
     config = resolve_model_data_config(model)
-    pre = allmlp.get_entry(name).preprocessing
-    assert config["input_size"] == (3, 224, 224)
+    entry = allmlp.get_entry(name)
+    pre = entry.preprocessing
+    side = entry.config.get("img_size", 224)  # the entry's own input size (Swin-MLP-T: 256)
+    assert config["input_size"] == (3, side, side)
     assert tuple(config["mean"]) == tuple(pre.mean) and tuple(config["std"]) == tuple(pre.std)
     assert config["interpolation"] == pre.interpolation and config["crop_pct"] == pre.crop_pct
     assert config["crop_mode"] == "center"

@@ -42,6 +42,11 @@ SMALL = {
         "convmlp_s",
         dict(img_size=37, blocks=[1, 1], dims=[8, 16], mlp_ratios=[2, 2], channels=8, n_conv_blocks=1),
     ),
+    "ASMLP": ("asmlp_t", dict(img_size=(32, 64), embed_dim=8, depths=[1, 1], shift_size=3, mlp_ratio=2.0)),
+    "SwinMLP": (
+        "swinmlp_t_c24",
+        dict(img_size=(16, 32), embed_dim=8, depths=[2, 1], num_heads=[2, 4], window_size=4, mlp_ratio=2.0),
+    ),
     "SMLPNet": ("smlpnet_t", dict(img_size=32, dim=8, alpha=2, depths=[1, 1, 1, 1])),  # img_size: its image_size
     "SpachMS": (
         "spach_ms_mlp_xxs",

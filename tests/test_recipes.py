@@ -24,6 +24,8 @@ EXPECTED = {
     "resmlp_12_224_i1k",
     "msmlp_t_i1k",
     "convmlp_s_i1k",
+    "asmlp_t_i1k",
+    "swinmlp_t_c24_i1k",
     "smlpnet_s_i1k",
     "spach_ms_mlp_s_i1k",
 }

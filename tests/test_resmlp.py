@@ -379,3 +379,15 @@ def test_onnx_export_reproduces_pytorch(tmp_path, dynamo):
 def test_configs_are_the_authors_constructors():
     assert CONFIGS["big_24"] == dict(patch_size=8, embed_dim=768, depth=24, init_scale=1e-6)
     assert {name: c["depth"] for name, c in CONFIGS.items()} == {"12": 12, "24": 24, "36": 36, "big_24": 24}
+
+
+def test_dropout_and_drop_path_change_training_only():
+    ours, reference = pair(drop_rate=0.2, drop_path_rate=0.2)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), atol=1e-5, rtol=1e-5)  # eval: both are identities
+        ours.train()
+        torch.manual_seed(0)
+        first = ours(x)
+        torch.manual_seed(1)
+        assert (ours(x) - first).abs().max() > 1e-4

@@ -1,6 +1,7 @@
 """allmlp: all-MLP vision models (MLP-Mixer, CycleMLP, Vision Permutator) with their published weights."""
 
 from .models import (
+    ASMLP,
     GMLP,
     MSMLP,
     ConvMLP,
@@ -11,6 +12,7 @@ from .models import (
     SMLPNet,
     Spach,
     SpachMS,
+    SwinMLP,
     VisionPermutator,
     create_model,
     get_entry,
@@ -25,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MSMLP",
     "ConvMLP",
+    "ASMLP",
     "CycleMLP",
     "GMLP",
     "GMixer",
@@ -33,6 +36,7 @@ __all__ = [
     "SMLPNet",
     "Spach",
     "SpachMS",
+    "SwinMLP",
     "VisionPermutator",
     "WeightsError",
     "adapt_resolution",

@@ -1,3 +1,4 @@
+from .asmlp import ASMLP
 from .convmlp import ConvMLP
 from .cyclemlp import CycleMLP
 from .gmlp import GMLP, GMixer
@@ -8,9 +9,11 @@ from .registry import REGISTRY, ModelEntry, Preprocessing, WeightRelease, create
 from .resmlp import ResMLP
 from .smlp import SMLPNet
 from .spach import Spach, SpachMS
+from .swinmlp import SwinMLP
 from .vip import VisionPermutator
 
 __all__ = [
+    "ASMLP",
     "REGISTRY",
     "MSMLP",
     "ConvMLP",
@@ -24,6 +27,7 @@ __all__ = [
     "SMLPNet",
     "Spach",
     "SpachMS",
+    "SwinMLP",
     "VisionPermutator",
     "WeightRelease",
     "create_model",

@@ -135,6 +135,8 @@ class ModelInterface:
     - `_to_format(x, output_fmt)`: tokens as an 'NCHW' map or in the family's token format;
     - `_intermediate_norm(index)`: the norm `forward_intermediates(norm=True)` applies to output `index`, or None;
     - `_truncate(last)`: drop every module after intermediate output `last`.
+    A family whose norms take another layout than its tokens (AS-MLP: GroupNorm on NCHW views of (B, H, W, C)
+    tokens) overrides `_apply_norm(norm, x)`, which `forward_intermediates` applies its norms through.
     """
 
     __jit_unused_properties__ = ["head_hidden_size", "default_cfg"]  # interface, not part of the forward pass
@@ -173,9 +175,9 @@ class ModelInterface:
         self.num_classes = self.config["num_classes"] = num_classes
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """The final norm on the tokens: `norm`, unless a family keeps it under its authors' name or in another
-        layout (then it overrides this and `_prune_final_norm`)."""
-        return self.norm(x)
+        """The final norm on the tokens: `norm` (through `_apply_norm`), unless a family keeps it under its authors'
+        name (sMLPNet's `batch_norm`, SPACH's `norm2`; it then overrides this and `_prune_final_norm`)."""
+        return self._apply_norm(self.norm, x)
 
     def _prune_final_norm(self) -> None:
         self.norm = nn.Identity()
@@ -230,10 +232,18 @@ class ModelInterface:
                 x = self._run_checkpointed(module, x) if self._checkpointing() else module(x)
             if index in take:
                 norm_layer = self._intermediate_norm(index) if norm else None
-                intermediates.append(self._to_format(x if norm_layer is None else norm_layer(x), output_fmt))
+                intermediates.append(
+                    self._to_format(x if norm_layer is None else self._apply_norm(norm_layer, x), output_fmt)
+                )
         if intermediates_only:
             return intermediates
         return (self._final_norm(x) if run == len(stages) else x), intermediates
+
+    @torch.jit.unused
+    def _apply_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A norm on tokens in the family's layout (a family whose norms take NCHW maps, AS-MLP's GroupNorm,
+        applies them to a view)."""
+        return norm(x)
 
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True

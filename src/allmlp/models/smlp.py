@@ -15,10 +15,12 @@ the mean over tokens and a Linear (`mlp_head.0`). GELU is exact (erf); initialis
 the authors' code. Stochastic depth rises linearly over all blocks (`dp_rate` at the last).
 
 Exactness: the same operations in the same order on the same values; only the layout differs. Tokens stay
-channels-last (B, H, W, C) between layers, so every convolution reads a channels_last view and the two token
-projections read the tokens as (B*H, W, C, 1) and (B, H, W*C, 1) maps, which are plain views (the authors permute
-and copy around each). Each residual step is one module, `x + drop_path(branch(x))`, whose children keep the
-authors' indices (`token_mix[k][0]`, `[1]`; `channel_mix[k][1]`, `[2]`; their `Rearrange`s 0 and 3 hold nothing).
+channels-last (B, H, W, C) between layers, so the depthwise, fuse and downsampling convolutions read channels_last
+views; the height projection reads the tokens as a (B, H, W*C, 1) map (a plain view) and the width projection a
+(B, W, H, C) permuted view (the authors permute and copy around both). Every conv input is batch-first, so
+per-module per-sample gradients (Opacus's functorch sampler) are right. Each residual step is one module,
+`x + drop_path(branch(x))`, whose children keep the authors' indices (`token_mix[k][0]`, `[1]`;
+`channel_mix[k][1]`, `[2]`; their `Rearrange`s 0 and 3 hold nothing).
 
 Input size: the token projections are sized for one grid (`image_size // patch_size`, halved at each stage), so a
 model takes the inputs whose patch grid is that one: height and width in `image_size .. image_size + patch_size
@@ -119,8 +121,9 @@ class SparseMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         x = self.activation(self.BN(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
-        # (B*H, W, C, 1): the width positions are the conv's channels; (B, H, W*C, 1): the height positions are.
-        along_width = self.proj_h(x.reshape(batch * height, width, channels, 1)).reshape(x.shape)
+        # Batch-first maps whose channels are the positions on the mixed axis: (B, W, H, C), a permuted view (the
+        # conv copies it, as the authors' permute does), and (B, H, W*C, 1), a plain view of the tokens.
+        along_width = self.proj_h(x.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
         along_height = self.proh_w(x.reshape(batch, height, width * channels, 1)).reshape(x.shape)
         fused = torch.cat([x, along_width, along_height], dim=3)
         return self.fuse(fused.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
