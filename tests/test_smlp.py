@@ -58,7 +58,7 @@ def pair(**overrides) -> tuple[SMLPNet, nn.Module]:
     config = {**SMALL, **overrides}
     torch.manual_seed(0)
     ours = randomise_all(SMLPNet(**config))
-    theirs = authors_smlpnet(ours.config)
+    theirs = authors_smlpnet(**ours.config)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     return ours.eval(), theirs.eval()
 
@@ -190,7 +190,7 @@ def test_released_layout_of_a_small_model_gives_the_authors_outputs(tmp_path):
 def test_smlpnet_s_at_224_equals_the_authors_code():
     torch.manual_seed(0)
     ours = randomise_all(allmlp.create_model("smlpnet_s")).eval()
-    theirs = authors_smlpnet(ours.config).eval()
+    theirs = authors_smlpnet(**ours.config).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():

@@ -82,7 +82,7 @@ def pair(cls: type, config: dict, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     """(allmlp's model, the authors') with the same random weights, loaded strictly."""
     torch.manual_seed(seed)
     ours = randomise_all(cls(**config), seed)
-    theirs = AUTHORS[cls.__name__](ours.config)
+    theirs = AUTHORS[cls.__name__](**ours.config)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     return ours.eval(), theirs.eval()
 
@@ -158,7 +158,7 @@ def test_pass_only_models_take_other_sizes_as_the_authors_blocks_would():
     config = dict(MS, net_arch=[[["pass", 1]], [["pass", 1]], [["pass", 1]], [["pass", 1]]])
     ours, _ = pair(SpachMS, config)
     assert ours.pretrained_cfg["fixed_input_size"] is False
-    theirs = AUTHORS["SpachMS"](dict(ours.config, img_size=60)).eval()
+    theirs = AUTHORS["SpachMS"](**dict(ours.config, img_size=60)).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(2, 3, 60, 60)  # grids 15, 7, 3, 1
     with torch.no_grad():
@@ -209,7 +209,7 @@ def test_released_layout_of_a_small_model_gives_the_authors_outputs(tmp_path):
 def test_registered_models_at_224_equal_the_authors_code(name):
     torch.manual_seed(0)
     ours = randomise_all(allmlp.create_model(name)).eval()
-    theirs = AUTHORS[type(ours).__name__](ours.config).eval()
+    theirs = AUTHORS[type(ours).__name__](**ours.config).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():

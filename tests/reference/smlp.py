@@ -141,7 +141,7 @@ class sMLPNet(nn.Module):  # noqa: N801 - the authors' name
         return self.mlp_head(x)
 
 
-def authors_smlpnet(config: dict) -> sMLPNet:
+def authors_smlpnet(**config) -> sMLPNet:
     """The authors' model for an allmlp SMLPNet config (`global_pool` ignored: theirs always averages); with
     num_classes 0, timm's convention: no head (pre-logits out)."""
     model = sMLPNet(**{k: v for k, v in config.items() if k != "global_pool"})

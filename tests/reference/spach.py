@@ -240,7 +240,7 @@ def _authors(cls):
     """The authors' model for an allmlp config (`global_pool` ignored: theirs always averages); with num_classes 0,
     timm's convention: no head (pre-logits out)."""
 
-    def build(config: dict) -> nn.Module:
+    def build(**config) -> nn.Module:
         model = cls(**_config(config))
         if config.get("num_classes") == 0:
             model.head = nn.Identity()
