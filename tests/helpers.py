@@ -195,6 +195,19 @@ def tiny_swinmlp(**overrides) -> nn.Module:
     return allmlp.SwinMLP(**{**config, **overrides})
 
 
+def tiny_activemlp(**overrides) -> nn.Module:
+    config = dict(
+        depths=[2, 2, 2, 2],
+        embed_dims=[16, 32, 48, 64],
+        mlp_ratios=[2, 2, 2, 2],
+        share_dims=[2, 4, 4, 8],
+        intv=2,
+        num_classes=10,
+        global_pool="avg",
+    )
+    return allmlp.ActiveMLP(**{**config, **overrides})
+
+
 # A recipe's model section: a 1-block Mixer for the grey 28x28 demo digits (tiny, for CLI and engine tests).
 TINY_DEMO_MODEL = {
     "name": "mixer_s16_224",

@@ -47,6 +47,10 @@ SMALL = {
         "swinmlp_t_c24",
         dict(img_size=(16, 32), embed_dim=8, depths=[2, 1], num_heads=[2, 4], window_size=4, mlp_ratio=2.0),
     ),
+    "ActiveMLP": (
+        "activemlp_xt",
+        dict(img_size=19, depths=[2, 3], embed_dims=[8, 16], mlp_ratios=[2, 2], share_dims=[2, 4], intv=2),
+    ),
     "SMLPNet": ("smlpnet_t", dict(img_size=32, dim=8, alpha=2, depths=[1, 1, 1, 1])),  # img_size: its image_size
     "SpachMS": (
         "spach_ms_mlp_xxs",

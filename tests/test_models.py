@@ -13,24 +13,31 @@ BATCH = 2
 FULL_DEPTH_LIMIT = 30_000_000
 
 
-def shallower(config: dict) -> dict:
-    """The override that leaves 2 blocks (Mixer) or 1 block per stage, whatever the family calls its depths."""
+# The fewest blocks per stage a family's constructor takes where it is more than one (ActiveMLP: a stage's first
+# block makes the offsets the others read).
+MIN_STAGE_DEPTH = {"ActiveMLP": 2}
+
+
+def shallower(name: str) -> dict:
+    """The override that leaves 2 blocks (isotropic families) or the fewest per stage, whatever the family calls
+    its depths."""
+    entry = allmlp.get_entry(name)
     for key in ("num_blocks", "depth", "layers", "depths", "blocks"):
-        if key in config:
-            return {key: 2 if isinstance(config[key], int) else [1] * len(config[key])}
-    if "net_arch" in config:  # SPACH: (mixer, depth) pairs, one list of them per stage in SpachMS
-        arch = config["net_arch"]
+        if key in entry.config:
+            if isinstance(entry.config[key], int):
+                return {key: 2}
+            return {key: [MIN_STAGE_DEPTH.get(entry.architecture.__name__, 1)] * len(entry.config[key])}
+    if "net_arch" in entry.config:  # SPACH: (mixer, depth) pairs, one list of them per stage in SpachMS
+        arch = entry.config["net_arch"]
         staged = isinstance(arch[0][0], (list, tuple))
         return {"net_arch": [[[mixer, 1] for mixer, _ in stage] for stage in arch] if staged else [[arch[0][0], 2]]}
-    raise KeyError(f"no depth option among {sorted(config)}")
+    raise KeyError(f"no depth option among {sorted(entry.config)}")
 
 
 def build(name: str, full_depth_limit: int = FULL_DEPTH_LIMIT) -> torch.nn.Module:
     with torch.device("meta"):
         params = sum(p.numel() for p in allmlp.create_model(name).parameters())
-    overrides = {}
-    if params > full_depth_limit:
-        overrides = shallower(allmlp.get_entry(name).config)
+    overrides = shallower(name) if params > full_depth_limit else {}
     torch.manual_seed(0)
     model = allmlp.create_model(name, num_classes=7, **overrides)
     with torch.no_grad():

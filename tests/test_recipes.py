@@ -26,6 +26,7 @@ EXPECTED = {
     "convmlp_s_i1k",
     "asmlp_t_i1k",
     "swinmlp_t_c24_i1k",
+    "activemlp_xt_i1k",
     "smlpnet_s_i1k",
     "spach_ms_mlp_s_i1k",
 }

@@ -1,3 +1,4 @@
+from .activemlp import ActiveMLP
 from .asmlp import ASMLP
 from .convmlp import ConvMLP
 from .cyclemlp import CycleMLP
@@ -17,6 +18,7 @@ __all__ = [
     "REGISTRY",
     "MSMLP",
     "ConvMLP",
+    "ActiveMLP",
     "CycleMLP",
     "GMLP",
     "GMixer",

@@ -23,7 +23,7 @@ from ..weights import (
     read_state_dict,
 )
 from ..weights.hub import fetch_release
-from . import asmlp, convmlp, gmlp, msmlp, resmlp, smlp, spach, swinmlp
+from . import activemlp, asmlp, convmlp, gmlp, msmlp, resmlp, smlp, spach, swinmlp
 from .cyclemlp import CONFIGS as CYCLEMLP_CONFIGS
 from .cyclemlp import CycleMLP
 from .entries import IN1K, ModelEntry, Preprocessing, WeightRelease, hosted, imagenet_preprocessing
@@ -176,7 +176,7 @@ REGISTRY.update(
 )
 
 # The families after Mixer, CycleMLP and ViP: each module lists its registry entries as ENTRIES.
-FAMILY_MODULES = (resmlp, gmlp, msmlp, convmlp, asmlp, swinmlp, smlp, spach)
+FAMILY_MODULES = (resmlp, gmlp, msmlp, convmlp, asmlp, swinmlp, activemlp, smlp, spach)
 for _family in FAMILY_MODULES:
     REGISTRY.update({entry.name: entry for entry in _family.ENTRIES})
 
