@@ -229,3 +229,31 @@ TINY_DEMO_MODEL = {
     "in_chans": 1,
     "overrides": {"patch_size": 7, "hidden_dim": 8, "num_blocks": 1, "tokens_mlp_dim": 4, "channels_mlp_dim": 8},
 }
+
+
+def tiny_smlpnet(**overrides) -> nn.Module:
+    config = dict(
+        in_chans=3, dim=8, alpha=2, num_classes=10, patch_size=4, image_size=64, depths=[1, 1, 1, 1], dp_rate=0.0
+    )
+    return allmlp.SMLPNet(**{**config, **overrides})
+
+
+def tiny_spach_ms(**overrides) -> nn.Module:
+    config = dict(
+        num_classes=10,
+        img_size=64,
+        hidden_dim=8,
+        patch_size=4,
+        net_arch=[[["pass", 1]], [["mlp", 1]], [["mlp", 1]], [["mlp", 1]]],
+        token_ratio=0.5,
+        channel_ratio=2.0,
+    )
+    return allmlp.SpachMS(**{**config, **overrides})
+
+
+def tiny_spach(**overrides) -> nn.Module:
+    config = dict(
+        num_classes=10, img_size=32, hidden_dim=16, patch_size=8, net_arch=[["mlp", 2]], token_ratio=0.5,
+        channel_ratio=2.0,
+    )  # fmt: skip
+    return allmlp.Spach(**{**config, **overrides})

@@ -40,6 +40,9 @@ from helpers import (
     tiny_msmlp,
     tiny_repmlpnet,
     tiny_resmlp,
+    tiny_smlpnet,
+    tiny_spach,
+    tiny_spach_ms,
     tiny_swinmlp,
     tiny_vip,
 )
@@ -266,6 +269,37 @@ FAMILIES = {
         opacus_functorch=True,
         lora_pointwise_convs=True,
     ),
+    "smlpnet": Family(
+        tiny_smlpnet,
+        (64, 64),
+        "SMLPNet",
+        "channel_mix.3.2.net.3",
+        "smlpnet_t",
+        dict(depths=[1, 1, 1, 1]),
+        stage_counts=4,
+        batch_norm=True,
+        opacus_functorch=True,
+    ),
+    "spach_ms": Family(
+        tiny_spach_ms,
+        (64, 64),
+        "SpachMS",
+        "layer4.1.channel_func.fc2",
+        "spach_ms_mlp_xxs",
+        dict(net_arch=[[["pass", 1]], [["mlp", 1]], [["mlp", 1]], [["mlp", 1]]]),
+        stage_counts=4,
+        opacus_functorch=True,
+    ),
+    "spach": Family(
+        tiny_spach,
+        (32, 32),
+        "Spach",
+        "blocks.1.channel_func.fc2",
+        "spach_mlp_xxs",
+        dict(net_arch=[["mlp", 2]]),
+        stage_counts=2,
+        opacus_functorch=True,
+    ),
 }
 CLASSIFIERS = [name for name, family in FAMILIES.items() if family.classifier]
 # the lead documents why a family cannot be scripted; xfail(strict=True) entries go here with the reason
@@ -331,7 +365,8 @@ def hooked_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def linear_names(model: nn.Module, head: bool = False) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and (head or n != "head")]
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "head")  # timm's models too
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and (head or n != classifier)]
 
 
 def lora_names(model: nn.Module, family: str | None = None) -> list[str]:
@@ -933,6 +968,9 @@ EXPORT_SIZES = {  # (batch, height, width) the dynamic program is checked at
     "cyclemlp": [(1, 35, 35), (3, 40, 64), (2, 64, 64), (1, 97, 50)],
     "cyclemlp_fork": [(1, 35, 35), (2, 41, 70), (1, 64, 64)],
     "vip": [(1, 28, 28), (3, 28, 28), (5, 28, 28)],
+    "smlpnet": [(1, 64, 64), (3, 64, 64), (5, 64, 64)],
+    "spach_ms": [(1, 64, 64), (3, 64, 64), (5, 64, 64)],
+    "spach": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
     "resmlp": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
     "gmlp": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
     "gmixer": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
@@ -1278,7 +1316,11 @@ def test_pretrained_cfg(family):
     assert cfg["interpolation"] in ("bilinear", "bicubic") and 0 < cfg["crop_pct"] <= 1
     assert cfg["crop_mode"] == "center"
     assert cfg["fixed_input_size"] is FAMILIES[family].fixed_input_size
-    assert cfg["classifier"] == "head"
+    if FAMILIES[family].classifier:
+        assert model.get_classifier() is model.get_submodule(cfg["classifier"])  # "head", or the authors' name
+        assert isinstance(model.get_classifier(), nn.Linear)
+    else:
+        assert cfg["classifier"] == "head"
     first_conv = model.get_submodule(cfg["first_conv"])
     assert isinstance(first_conv, nn.Conv2d) and first_conv.in_channels == 3
     x = image(family)

@@ -55,6 +55,12 @@ SMALL = {
         "repmlpnet_t224",
         dict(img_size=[32, 16], num_blocks=[1, 1], channels=[8, 16], hs=[4, 4], ws=[4, 2], sharesets_nums=[2, 4]),
     ),
+    "SMLPNet": ("smlpnet_t", dict(img_size=32, dim=8, alpha=2, depths=[1, 1, 1, 1])),  # img_size: its image_size
+    "SpachMS": (
+        "spach_ms_mlp_xxs",
+        dict(img_size=64, hidden_dim=8, net_arch=[[["pass", 1]], [["mlp", 1]], [["mlp", 1]], [["mlp", 1]]]),
+    ),
+    "Spach": ("spach_mlp_xxs", dict(img_size=32, patch_size=8, hidden_dim=16, net_arch=[["mlp", 1], ["pass", 1]])),
 }
 
 

@@ -27,6 +27,10 @@ def shallower(name: str) -> dict:
             if isinstance(entry.config[key], int):
                 return {key: 2}
             return {key: [MIN_STAGE_DEPTH.get(entry.architecture.__name__, 1)] * len(entry.config[key])}
+    if "net_arch" in entry.config:  # SPACH: (mixer, depth) pairs, one list of them per stage in SpachMS
+        arch = entry.config["net_arch"]
+        staged = isinstance(arch[0][0], (list, tuple))
+        return {"net_arch": [[[mixer, 1] for mixer, _ in stage] for stage in arch] if staged else [[arch[0][0], 2]]}
     raise KeyError(f"no depth option among {sorted(entry.config)}")
 
 

@@ -28,6 +28,8 @@ EXPECTED = {
     "swinmlp_t_c24_i1k",
     "activemlp_xt_i1k",
     "repmlpnet_b256_i1k",
+    "smlpnet_s_i1k",
+    "spach_ms_mlp_s_i1k",
 }
 
 
@@ -125,3 +127,18 @@ def test_msmlp_recipe_follows_the_authors_config():
     assert (cfg.schedule.warmup_epochs, cfg.train.epochs, cfg.train.label_smoothing) == (20, 300, 0.1)
     assert (cfg.data.mixup_alpha, cfg.data.cutmix_alpha, cfg.data.random_erasing) == (0.8, 1.0, 0.25)
     assert cfg.data.crop_pct == allmlp.get_entry("msmlp_t").preprocessing.crop_pct == 0.875
+
+
+@pytest.mark.parametrize("name, model", [("smlpnet_s_i1k", "smlpnet_s"), ("spach_ms_mlp_s_i1k", "spach_ms_mlp_s")])
+def test_spach_repository_recipes_build_their_model(name, model):
+    """microsoft/SPACH main.py defaults: lr 5e-4 x 1024 / 512, 20 warmup epochs; sMLPNet's stochastic depth is its
+    constructor's dp_rate (0.2 for S), which the trainer's drop_path_rate reaches under timm's name."""
+    from allmlp.train.engine import build_model, model_img_size
+
+    cfg = load_config(name)
+    assert cfg.model.name == model and cfg.optim.lr == 1e-3 and cfg.train.batch_size == 1024
+    assert cfg.schedule.warmup_epochs == 20 and cfg.optim.weight_decay == 0.05 and cfg.data.crop_pct == 0.875
+    built = build_model(cfg, 10)
+    assert model_img_size(cfg) == 224 and built.num_classes == 10
+    expected = {"smlpnet_s": ("dp_rate", 0.2), "spach_ms_mlp_s": ("drop_path_rate", 0.1)}[model]
+    assert built.config[expected[0]] == expected[1]

@@ -10,6 +10,8 @@ from .registry import REGISTRY, ModelEntry, Preprocessing, WeightRelease, create
 from .reparam import reparameterize
 from .repmlp import RepMLPNet
 from .resmlp import ResMLP
+from .smlp import SMLPNet
+from .spach import Spach, SpachMS
 from .swinmlp import SwinMLP
 from .vip import VisionPermutator
 
@@ -27,6 +29,9 @@ __all__ = [
     "Preprocessing",
     "RepMLPNet",
     "ResMLP",
+    "SMLPNet",
+    "Spach",
+    "SpachMS",
     "SwinMLP",
     "VisionPermutator",
     "WeightRelease",

@@ -174,6 +174,14 @@ class ModelInterface:
         self.head = zero_head(self.num_features, num_classes).to(device=like.device, dtype=like.dtype)
         self.num_classes = self.config["num_classes"] = num_classes
 
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm on the tokens: `norm` (through `_apply_norm`), unless a family keeps it under its authors'
+        name (sMLPNet's `batch_norm`, SPACH's `norm2`; it then overrides this and `_prune_final_norm`)."""
+        return self._apply_norm(self.norm, x)
+
+    def _prune_final_norm(self) -> None:
+        self.norm = nn.Identity()
+
     def _check_input(self, x: torch.Tensor) -> None:
         check_input(x, *self.accepts)
 
@@ -229,7 +237,7 @@ class ModelInterface:
                 )
         if intermediates_only:
             return intermediates
-        return (self._apply_norm(self.norm, x) if run == len(stages) else x), intermediates
+        return (self._final_norm(x) if run == len(stages) else x), intermediates
 
     @torch.jit.unused
     def _apply_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -245,7 +253,7 @@ class ModelInterface:
         take, last = feature_take_indices(len(self._feature_stages()), indices)
         self._truncate(last)
         if prune_norm:
-            self.norm = nn.Identity()
+            self._prune_final_norm()
         if prune_head:
             self.reset_classifier(0, "")
         return take

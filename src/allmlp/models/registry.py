@@ -13,9 +13,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..weights import WeightsError, checkpoint_entries, load_weights, read_config, read_pretrained_cfg, read_state_dict
+from ..weights import (
+    WeightsError,
+    checkpoint_entries,
+    head_keys,
+    load_weights,
+    read_config,
+    read_pretrained_cfg,
+    read_state_dict,
+)
 from ..weights.hub import fetch_release
-from . import activemlp, asmlp, convmlp, gmlp, msmlp, repmlp, resmlp, swinmlp
+from . import activemlp, asmlp, convmlp, gmlp, msmlp, repmlp, resmlp, smlp, spach, swinmlp
 from .cyclemlp import CONFIGS as CYCLEMLP_CONFIGS
 from .cyclemlp import CycleMLP
 from .entries import IN1K, ModelEntry, Preprocessing, WeightRelease, hosted, imagenet_preprocessing
@@ -168,7 +176,7 @@ REGISTRY.update(
 )
 
 # The families after Mixer, CycleMLP and ViP: each module lists its registry entries as ENTRIES.
-FAMILY_MODULES = (resmlp, gmlp, msmlp, convmlp, asmlp, swinmlp, activemlp, repmlp)
+FAMILY_MODULES = (resmlp, gmlp, msmlp, convmlp, asmlp, swinmlp, activemlp, repmlp, smlp, spach)
 for _family in FAMILY_MODULES:
     REGISTRY.update({entry.name: entry for entry in _family.ENTRIES})
 
@@ -206,7 +214,27 @@ def get_release(name: str, tag: str | None = None) -> WeightRelease:
     raise ValueError(f"{name} has no release {tag!r}; published: {', '.join(r.tag for r in entry.releases)}")
 
 
+def architecture_names(architecture: type[nn.Module], config: Mapping) -> dict:
+    """`config` with timm's argument names (`img_size`, `drop_path_rate`, as create_model and the trainer pass them)
+    renamed to the authors' where a family keeps theirs (its `timm_names`, e.g. sMLPNet's `image_size`, `dp_rate`)."""
+    renamed = dict(config)
+    for timm_name, own in getattr(architecture, "timm_names", {}).items():
+        if timm_name in renamed:
+            renamed[own] = renamed.pop(timm_name)
+    return renamed
+
+
+def timm_named(architecture: type[nn.Module], config: Mapping) -> dict:
+    """The inverse of `architecture_names`: a family's config with timm's names (what the trainer reads)."""
+    renamed = dict(config)
+    for timm_name, own in getattr(architecture, "timm_names", {}).items():
+        if own in renamed:
+            renamed[timm_name] = renamed.pop(own)
+    return renamed
+
+
 def _build(architecture: type[nn.Module], config: dict) -> nn.Module:
+    config = architecture_names(architecture, config)
     accepted = set(inspect.signature(architecture.__init__).parameters) - {"self"}
     unknown = sorted(set(config) - accepted)
     if unknown:
@@ -295,7 +323,7 @@ def create_model(
         reset_head = False
         if num_classes is not None:
             state_dict, _ = read_state_dict(weights, checkpoint_entries(model))
-            head = state_dict.get("head.weight")
+            head = state_dict.get(head_keys(model)[0])
             reset_head = head is not None and head.shape[0] != num_classes
             weights = state_dict
         load_weights(model, weights, reset_head=reset_head)

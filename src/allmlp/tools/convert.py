@@ -11,7 +11,7 @@ from torch import nn
 from ..models.mixer import MlpMixer, config_from_state_dict
 from ..models.registry import create_model, get_entry, list_models
 from ..models.reparam import reparameterize
-from ..weights import load_weights, read_state_dict, save_weights
+from ..weights import head_keys, load_weights, read_state_dict, save_weights
 from ..weights.files import detect_format, parse_config_metadata
 
 
@@ -24,9 +24,10 @@ def model_for_weights(src: str | os.PathLike, model_name: str | None = None, gel
     """
     state_dict, metadata = read_state_dict(src)
     if model_name is not None:
-        head = state_dict.get("head.weight")
-        num_classes = 0 if head is None else head.shape[0]
         overrides = {} if gelu is None else {"gelu": gelu}
+        with torch.device("meta"):
+            head = state_dict.get(head_keys(create_model(model_name, **overrides))[0])
+        num_classes = 0 if head is None else head.shape[0]
         model = create_model(model_name, num_classes=num_classes, **overrides)
     elif parse_config_metadata(metadata) is not None:
         return create_model(src) if gelu is None else create_model(src, gelu=gelu)

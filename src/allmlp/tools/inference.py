@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.datasets import IMAGE_EXTENSIONS, UNREADABLE_ERRORS, read_image
 from ..data.transforms import build_eval_transform
 from ..models.layers import to_pair
-from ..models.registry import create_model, get_entry, list_models
+from ..models.registry import create_model, get_entry, list_models, timm_named
 from ..progress import Progress
 from ..weights import read_config
 from .convert import model_for_weights
@@ -65,7 +65,7 @@ def entry_name(model: nn.Module, model_name: str | None) -> str:
 
 def input_size(model: nn.Module) -> tuple[int, int]:
     """The (H, W) the model takes; families without a fixed size are evaluated at 224, as their papers do."""
-    return to_pair(model.config.get("img_size", 224), "img_size")
+    return to_pair(timm_named(type(model), model.config).get("img_size", 224), "img_size")
 
 
 def eval_transform(model: nn.Module, model_name: str | None, preset: str | None = None) -> Callable:

@@ -16,7 +16,7 @@ import torch
 from ..atomic import write_json_atomic
 from ..data import build_eval_loader
 from ..evaluate.metrics import Accuracy, RealAccuracy, imagenet_val_index, load_real_labels
-from ..models.registry import get_entry, list_models
+from ..models.registry import get_entry, list_models, timm_named
 from ..progress import Progress
 from ..weights import read_config
 from . import distributed, rundir
@@ -72,6 +72,7 @@ def adopt_stored_architecture(cfg: RunConfig, explicit: list[str]) -> RunConfig:
             )
         m.name = next(name for name in list_models() if get_entry(name).architecture.__name__ == architecture)
         entry = get_entry(m.name)
+    config = timm_named(entry.architecture, config)  # img_size, drop_path_rate whatever the family calls them
     if "model.in_chans" not in given:
         m.in_chans = config["in_chans"]
     elif m.in_chans != config["in_chans"] and config["in_chans"] != 3:  # an RGB stem is adapted on loading

@@ -127,6 +127,10 @@ def build_model(cfg: RunConfig, num_classes: int, *, new_head: bool = False) -> 
     """
     m = cfg.model
     options = dict(in_chans=m.in_chans, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate, **m.overrides)
+    # a family without dropout (sMLPNet) takes no drop_rate: leave it out at 0 (any other value stays, and fails)
+    architecture = get_entry(m.name).architecture
+    accepted = set(inspect.signature(architecture.__init__).parameters) | set(getattr(architecture, "timm_names", {}))
+    options = {k: v for k, v in options.items() if k in accepted or k not in ("drop_rate", "drop_path_rate") or v}
     model = create_model(m.name, num_classes=num_classes, img_size=m.img_size, **options)
     if m.weights is not None:
         model = load_weights_adapted(model, m.weights, reset_head=new_head)
@@ -138,7 +142,9 @@ def build_model(cfg: RunConfig, num_classes: int, *, new_head: bool = False) -> 
 
 def model_img_size(cfg: RunConfig) -> int | tuple[int, int]:
     stored = cfg.model.overrides.get("img_size")  # a non-square size adopted from an allmlp weights file
-    return cfg.model.img_size or (tuple(stored) if stored else None) or get_entry(cfg.model.name).config["img_size"]
+    entry = get_entry(cfg.model.name)
+    registered = entry.config.get(getattr(entry.architecture, "timm_names", {}).get("img_size", "img_size"))
+    return cfg.model.img_size or (tuple(stored) if stored else None) or registered
 
 
 def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:

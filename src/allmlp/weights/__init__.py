@@ -39,6 +39,7 @@ __all__ = [
     "WeightsError",
     "adapt_stem",
     "checkpoint_entries",
+    "head_keys",
     "load_weights",
     "read_class_names",
     "read_state_dict",
@@ -55,7 +56,14 @@ FOREIGN_FORMATS: list[tuple[Callable[[list[str]], bool], Callable[[dict], dict[s
     (is_timm_resmlp, convert_timm_resmlp),
 ]
 
-HEAD_KEYS = ("head.weight", "head.bias")
+
+def head_keys(model: nn.Module) -> tuple[str, str]:
+    """The classifier's weight and bias keys: `head.*`, or where the model's pretrained_cfg names another module
+    (a family that keeps its authors' name, e.g. sMLPNet's `mlp_head.0`)."""
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    return f"{classifier}.weight", f"{classifier}.bias"
+
+
 _LISTED = 20  # keys shown per category in an error; the count says how many more
 
 
@@ -152,17 +160,18 @@ def load_weights(
     state_dict, _ = read_state_dict(source, checkpoint_entries(model))
     own = model.state_dict()
     state_dict = _adapt_stem_channels(model, state_dict, own)
-    has_head = "head.weight" in own
+    head = head_keys(model)
+    has_head = head[0] in own
     if reset_head or not has_head:
-        state_dict = {k: v for k, v in state_dict.items() if k not in HEAD_KEYS}
-    elif "head.weight" in state_dict and state_dict["head.weight"].shape[0] != own["head.weight"].shape[0]:
+        state_dict = {k: v for k, v in state_dict.items() if k not in head}
+    elif head[0] in state_dict and state_dict[head[0]].shape[0] != own[head[0]].shape[0]:
         raise WeightsError(
-            f"classifier head: the checkpoint has {state_dict['head.weight'].shape[0]} classes, the model "
-            f"{own['head.weight'].shape[0]}; pass reset_head=True for a fresh zero head, or build the model "
-            f"with num_classes={state_dict['head.weight'].shape[0]}"
+            f"classifier head: the checkpoint has {state_dict[head[0]].shape[0]} classes, the model "
+            f"{own[head[0]].shape[0]}; pass reset_head=True for a fresh zero head, or build the model "
+            f"with num_classes={state_dict[head[0]].shape[0]}"
         )
 
-    expected = [k for k in own if not (reset_head and k in HEAD_KEYS)]
+    expected = [k for k in own if not (reset_head and k in head)]
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [

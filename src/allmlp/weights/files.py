@@ -175,9 +175,18 @@ def unwrap_state_dict(obj: object, entries: Sequence[str] = CHECKPOINT_ENTRIES) 
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Write atomically (see allmlp.atomic): an old file at `path` stays intact if anything fails."""
+    """Write atomically (see allmlp.atomic): an old file at `path` stays intact if anything fails.
+
+    A module shared by several parents (SPACH's shared spatial MLP) lists its tensors under each name, as the
+    authors' state dicts do; each name gets its own copy, which safetensors requires."""
+    stored, storages = {}, set()
+    for key, value in tensors.items():
+        value = value.detach().contiguous().cpu()
+        storage = value.untyped_storage().data_ptr()
+        stored[key] = value.clone() if storage in storages and value.numel() else value
+        storages.add(storage)
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file(stored, tmp, metadata=metadata)
 
 
 # The pretrained_cfg fields a file keeps: the registry entry's name and how its images are to be prepared.
