@@ -3,6 +3,7 @@ from .mixer import MlpMixer
 from .optimize import optimize_for_inference
 from .registry import REGISTRY, ModelEntry, Preprocessing, WeightRelease, create_model, get_entry, list_models
 from .vip import VisionPermutator
+from .wavemlp import WaveMLP
 
 __all__ = [
     "REGISTRY",
@@ -11,6 +12,7 @@ __all__ = [
     "ModelEntry",
     "Preprocessing",
     "VisionPermutator",
+    "WaveMLP",
     "WeightRelease",
     "create_model",
     "get_entry",

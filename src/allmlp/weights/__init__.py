@@ -2,7 +2,7 @@
 
 `load_weights` detects the format from the content: allmlp safetensors (config in the metadata), timm state
 dicts (.pth/.bin/.safetensors, bare or wrapped), the official JAX Mixer .npz releases, and the authors'
-CycleMLP / ViP checkpoints. Names that differ from allmlp's are converted by the module for that format.
+CycleMLP / ViP / Wave-MLP checkpoints. Names that differ from allmlp's are converted by the module for that format.
 Every format then meets the model in `load_weights`, which is also where a 3-channel (RGB) stem is adapted to a
 model built for another number of input channels.
 """
@@ -32,6 +32,7 @@ from .files import (
     write_safetensors,
 )
 from .jax_mixer import convert_jax_mixer, is_jax_mixer
+from .wavemlp import drop_thop_counters, has_thop_counters
 
 __all__ = [
     "WeightsError",
@@ -50,6 +51,7 @@ CLASS_NAMES_KEY = "allmlp.class_names"
 FOREIGN_FORMATS: list[tuple[Callable[[list[str]], bool], Callable[[dict], dict[str, torch.Tensor]]]] = [
     (is_jax_mixer, convert_jax_mixer),
     (has_cycle_offsets, drop_cycle_offsets),
+    (has_thop_counters, drop_thop_counters),
 ]
 
 HEAD_KEYS = ("head.weight", "head.bias")
