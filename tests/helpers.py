@@ -165,3 +165,17 @@ def tiny_wavemlp(**overrides) -> nn.Module:
         global_pool="avg",
     )
     return allmlp.WaveMLP(**{**config, **overrides})
+
+
+def tiny_hiremlp(**overrides) -> nn.Module:
+    config = dict(
+        layers=[2, 1, 1, 1],  # two blocks: the second one shifts
+        embed_dims=[16, 32, 48, 64],
+        mlp_ratios=[2, 2, 2, 2],
+        pixel=[4, 3, 3, 2],
+        step_stride=[2, 2, 3, 2],
+        step_dilation=[2, 2, 1, 1],
+        num_classes=10,
+        global_pool="avg",
+    )
+    return allmlp.HireMLP(**{**config, **overrides})

@@ -1,7 +1,8 @@
-"""allmlp: all-MLP vision models (MLP-Mixer, CycleMLP, Vision Permutator) with their published weights."""
+"""allmlp: all-MLP vision models (MLP-Mixer, CycleMLP, Vision Permutator, Wave-MLP, Hire-MLP) with published weights."""
 
 from .models import (
     CycleMLP,
+    HireMLP,
     MlpMixer,
     VisionPermutator,
     WaveMLP,
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CycleMLP",
+    "HireMLP",
     "MlpMixer",
     "VisionPermutator",
     "WaveMLP",

@@ -1,4 +1,5 @@
 from .cyclemlp import CycleMLP
+from .hiremlp import HireMLP
 from .mixer import MlpMixer
 from .optimize import optimize_for_inference
 from .registry import REGISTRY, ModelEntry, Preprocessing, WeightRelease, create_model, get_entry, list_models
@@ -8,6 +9,7 @@ from .wavemlp import WaveMLP
 __all__ = [
     "REGISTRY",
     "CycleMLP",
+    "HireMLP",
     "MlpMixer",
     "ModelEntry",
     "Preprocessing",

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..weights import WeightsError, checkpoint_entries, load_weights, read_config, read_pretrained_cfg, read_state_dict
 from ..weights.hub import fetch_release
-from . import wavemlp
+from . import hiremlp, wavemlp
 from .cyclemlp import CONFIGS as CYCLEMLP_CONFIGS
 from .cyclemlp import CycleMLP
 from .entries import IN1K, ModelEntry, Preprocessing, WeightRelease, hosted, imagenet_preprocessing
@@ -168,7 +168,7 @@ REGISTRY.update(
 )
 
 # The families after Mixer, CycleMLP and ViP: each module lists its registry entries as ENTRIES.
-FAMILY_MODULES = (wavemlp,)
+FAMILY_MODULES = (wavemlp, hiremlp)
 for _family in FAMILY_MODULES:
     REGISTRY.update({entry.name: entry for entry in _family.ENTRIES})
 
