@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize, prune
 import allmlp
 from allmlp.models.registry import ARCHITECTURES
 
-from helpers import randomise, tiny_cyclemlp, tiny_mixer, tiny_vip
+from helpers import randomise, tiny_cyclemlp, tiny_hiremlp, tiny_mixer, tiny_vip, tiny_wavemlp
 
 BATCH = 2
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
@@ -103,6 +103,37 @@ FAMILIES = {
         "vip_s7",
         dict(layers=[1, 1, 1, 1]),
         stage_counts=2,
+    ),
+    "wavemlp": Family(
+        tiny_wavemlp,
+        (64, 64),
+        "WaveMLP",
+        "network.6.0.mlp.fc2",
+        "wavemlp_t",
+        dict(layers=[1, 1, 1, 1]),
+        fixed_input_size=False,
+        stage_counts=4,
+    ),
+    "wavemlp_fork": Family(
+        partial(tiny_wavemlp, fork_feat=True, norm_layer="group"),
+        (64, 64),
+        "WaveMLP",
+        "network.6.0.mlp.fc2",
+        "wavemlp_s",
+        dict(layers=[1, 1, 1, 1], fork_feat=True),
+        classifier=False,
+        fixed_input_size=False,
+        stage_counts=4,
+    ),
+    "hiremlp": Family(
+        tiny_hiremlp,
+        (64, 64),
+        "HireMLP",
+        "network.6.0.mlp.fc2",
+        "hiremlp_tiny",
+        dict(layers=[1, 1, 1, 1]),
+        fixed_input_size=False,
+        stage_counts=4,
     ),
 }
 CLASSIFIERS = [name for name, family in FAMILIES.items() if family.classifier]

@@ -21,6 +21,8 @@ EXPECTED = {
     "mixer_cifar10_scratch",
     "cyclemlp_b1_i1k",
     "vip_s7_i1k",
+    "wavemlp_t_i1k",
+    "hiremlp_tiny_i1k",
 }
 
 

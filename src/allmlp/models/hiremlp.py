@@ -99,7 +99,8 @@ class HireTokenMixer(nn.Module):
     def _pad(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """x padded at the end of `dim` to a multiple of `pixel`: circularly, with zeros or the last row repeated."""
         size = x.shape[dim]
-        pad = (self.pixel - size % self.pixel) % self.pixel
+        # (pixel - size % pixel) % pixel, spelled so that the padded size is visibly a multiple of pixel (export)
+        pad = (size + self.pixel - 1) // self.pixel * self.pixel - size
         if self.pixel_pad_mode == "c":
             return torch.cat([x, x.narrow(dim, 0, pad)], dim)
         if self.pixel_pad_mode == "0":
@@ -115,7 +116,7 @@ class HireTokenMixer(nn.Module):
         if self.step:
             x = self._shift(x, 1)
         x = self._pad(x, 1)
-        groups = x.shape[1] // self.pixel
+        groups = (height + self.pixel - 1) // self.pixel
         x = x.reshape(batch, groups, self.pixel, width, channels).permute(0, 1, 3, 4, 2)
         x = x.reshape(batch, groups, width, channels * self.pixel).permute(0, 3, 1, 2)
         x = self.mlp_h2(self.act(self.mlp_h1_norm(self.mlp_h1(x)))).permute(0, 2, 3, 1)
@@ -131,7 +132,7 @@ class HireTokenMixer(nn.Module):
         if self.step:
             x = self._shift(x, 2)
         x = self._pad(x, 2)
-        groups = x.shape[2] // self.pixel
+        groups = (width + self.pixel - 1) // self.pixel
         x = x.reshape(batch, height, groups, self.pixel, channels).permute(0, 1, 2, 4, 3)
         x = x.reshape(batch, height, groups, channels * self.pixel).permute(0, 3, 1, 2)
         x = self.mlp_w2(self.act(self.mlp_w1_norm(self.mlp_w1(x)))).permute(0, 2, 3, 1)
@@ -297,8 +298,8 @@ ENTRIES = [
         architecture=HireMLP,
         config=dict(img_size=224, num_classes=1000, **config),
         preprocessing=imagenet_preprocessing(
-            0.875, "the authors' evaluation (DeiT's datasets.py): bicubic resize of the shorter side to 256, centre "
-            "crop 224"
+            0.875,
+            "the authors' evaluation (DeiT's datasets.py): bicubic resize of the shorter side to 256, centre crop 224",
         ),
         releases=()
         if variant not in _TOP1
