@@ -191,7 +191,9 @@ def test_features_only_strides():
     with torch.no_grad():
         maps = model(x)
     assert [m.shape[1] for m in maps] == [64, 128, 320, 512]
-    assert [tuple(m.shape[2:]) for m in maps] == list(zip(stage_grid_sides(97, 4), stage_grid_sides(50, 4)))
+    assert [tuple(m.shape[2:]) for m in maps] == list(
+        zip(stage_grid_sides(97, 4), stage_grid_sides(50, 4), strict=True)
+    )
 
 
 def test_interface_and_input_errors():
