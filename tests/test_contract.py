@@ -62,6 +62,10 @@ class Family:
     classifier: bool = True  # False: a dense backbone (fork_feat) without pooling or head
     fixed_input_size: bool = True
     stage_counts: int = 0  # how many feature_info entries the tiny model has
+    # BatchNorm in training mode normalises with the batch's statistics, so a sample's gradient depends on the rest
+    # of the batch: per-sample gradients are checked in eval mode (torch.func), and Opacus refuses BatchNorm
+    batch_statistics: bool = False
+    dynamic_size_export: bool = True  # False: torch.export takes a dynamic batch, one program per input size
 
 
 FAMILIES = {
@@ -113,6 +117,7 @@ FAMILIES = {
         dict(layers=[1, 1, 1, 1]),
         fixed_input_size=False,
         stage_counts=4,
+        batch_statistics=True,
     ),
     "wavemlp_fork": Family(
         partial(tiny_wavemlp, fork_feat=True, norm_layer="group"),
@@ -124,6 +129,7 @@ FAMILIES = {
         classifier=False,
         fixed_input_size=False,
         stage_counts=4,
+        batch_statistics=True,
     ),
     "hiremlp": Family(
         tiny_hiremlp,
@@ -134,6 +140,8 @@ FAMILIES = {
         dict(layers=[1, 1, 1, 1]),
         fixed_input_size=False,
         stage_counts=4,
+        batch_statistics=True,
+        dynamic_size_export=False,
     ),
 }
 CLASSIFIERS = [name for name, family in FAMILIES.items() if family.classifier]
@@ -141,6 +149,7 @@ CLASSIFIERS = [name for name, family in FAMILIES.items() if family.classifier]
 NOT_SCRIPTABLE: dict[str, str] = {
     "cyclemlp_fork": "fork_feat's forward is forward_intermediates(norm=True), which TorchScript cannot compile "
     "(f-string errors, int-or-list indices)",
+    "wavemlp_fork": "fork_feat's forward is forward_intermediates(norm=True), as CycleMLP's",
 }
 
 
@@ -194,8 +203,16 @@ def hooked_modules(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+def is_channel_map(module: nn.Module) -> bool:
+    """A layer that maps channels: nn.Linear, or a 1x1 nn.Conv2d without groups (the convolutional families write
+    their MLPs so, with the authors' Conv2d keys); the layers LoRA, pruning and parametrisations target."""
+    if isinstance(module, nn.Conv2d):
+        return module.kernel_size == (1, 1) and module.groups == 1
+    return isinstance(module, nn.Linear)
+
+
 def linear_names(model: nn.Module, head: bool = False) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and (head or n != "head")]
+    return [n for n, m in model.named_modules() if is_channel_map(m) and (head or n != "head")]
 
 
 def feature_modules(model: nn.Module) -> list[str]:
@@ -280,7 +297,7 @@ def test_every_architecture_has_a_tiny_config():
 def test_forward_hooks_fire_once_per_forward(family, train, grad):
     model = make(family).train(train)
     modules = hooked_modules(model)
-    assert any(isinstance(m, nn.Linear) for m in modules.values())
+    assert any(is_channel_map(m) for m in modules.values())
     assert any(isinstance(m, NORMS) or "norm" in name for name, m in modules.items())  # ResMLP: Affine
     assert any(isinstance(m, nn.Conv2d) for m in modules.values())
     calls = Counter()
@@ -343,7 +360,7 @@ def peft_lora(model: nn.Module, seed: int = 3) -> nn.Module:
 
 @ALL
 def test_peft_lora(family):
-    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
 
     base = make(family).eval()
     targets = linear_names(base)
@@ -351,7 +368,7 @@ def test_peft_lora(family):
     with torch.no_grad():
         base_out = base(x)
     lora = peft_lora(copy.deepcopy(base)).eval()
-    wrapped = {n.removeprefix("base_model.model.") for n, m in lora.named_modules() if isinstance(m, LoraLinear)}
+    wrapped = {n.removeprefix("base_model.model.") for n, m in lora.named_modules() if isinstance(m, LoraLayer)}
     assert wrapped == set(targets)
     out = lora(x)
     assert_differs(out, base_out, margin=1e-3)
@@ -363,25 +380,31 @@ def test_peft_lora(family):
     for name, p in lora_params.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
     merged = lora.merge_and_unload().eval()
-    assert not any(isinstance(m, LoraLinear) for m in merged.modules())
-    with torch.no_grad():
-        assert_same(merged(x), flat(out).detach())
+    assert not any(isinstance(m, LoraLayer) for m in merged.modules())
+    with torch.no_grad():  # merging reorders float32 sums: the error scales with the outputs (large under LoRA)
+        assert_same(merged(x), flat(out).detach(), atol=1e-5 * max(1.0, flat(out).abs().max().item()))
 
 
 class HandLoRA(nn.Module):
-    """LoRA by module replacement: base(x) + x A^T B^T, base frozen."""
+    """LoRA by module replacement: base(x) + B A x over the channels (the last dimension for a Linear, dimension 1
+    for a 1x1 Conv2d), base frozen."""
 
-    def __init__(self, base: nn.Linear, rank: int, generator: torch.Generator):
+    def __init__(self, base: nn.Module, rank: int, generator: torch.Generator):
         super().__init__()
         self.base = base.requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features, generator=generator) * 0.2)
-        self.lora_B = nn.Parameter(torch.randn(base.out_features, rank, generator=generator) * 0.2)
+        self.conv = isinstance(base, nn.Conv2d)
+        inputs, outputs = base.weight.shape[1], base.weight.shape[0]
+        self.lora_A = nn.Parameter(torch.randn(rank, inputs, generator=generator) * 0.2)
+        self.lora_B = nn.Parameter(torch.randn(outputs, rank, generator=generator) * 0.2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv:
+            low = nn.functional.conv2d(x, self.lora_A[:, :, None, None])
+            return self.base(x) + nn.functional.conv2d(low, self.lora_B[:, :, None, None])
         return self.base(x) + (x @ self.lora_A.t()) @ self.lora_B.t()
 
     def merged_weight(self) -> torch.Tensor:
-        return self.base.weight + self.lora_B @ self.lora_A
+        return self.base.weight + (self.lora_B @ self.lora_A).reshape(self.base.weight.shape)
 
 
 def hand_lora(model: nn.Module, seed: int = 3) -> nn.Module:
@@ -472,7 +495,7 @@ class RowScale(nn.Module):
         self.scale = nn.Parameter(0.5 + torch.rand(rows, generator=generator))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.scale[:, None]
+        return weight * self.scale.reshape([-1] + [1] * (weight.ndim - 1))
 
 
 @ALL
@@ -484,7 +507,7 @@ def test_parametrize_every_linear(family):
     generator = torch.Generator().manual_seed(5)
     for name in names:
         module = model.get_submodule(name)
-        parametrize.register_parametrization(module, "weight", RowScale(module.out_features, generator))
+        parametrize.register_parametrization(module, "weight", RowScale(module.weight.shape[0], generator))
     expected = with_weights(base, {n: model.get_submodule(n).weight for n in names})
     out = model(x)
     with torch.no_grad():
@@ -507,7 +530,7 @@ def test_parametrize_every_linear(family):
 def test_quantize_dynamic_replaces_every_linear(family):
     model = make(family).eval()
     x = image(family)
-    count = len(linear_names(model, head=True))
+    count = sum(isinstance(m, nn.Linear) for m in model.modules())  # dynamic quantisation takes Linear only
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
@@ -517,7 +540,10 @@ def test_quantize_dynamic_replaces_every_linear(family):
     with torch.no_grad():
         ref, out = flat(model(x)), flat(quantized(x))
     error = (out - ref).norm() / ref.norm()
-    assert 0 < error < 0.05, f"relative error {error:.4f}"
+    if count:
+        assert 0 < error < 0.05, f"relative error {error:.4f}"
+    else:  # a backbone of convolutions only (WaveMLP with fork_feat): nothing to quantise
+        assert error == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -533,7 +559,7 @@ def test_only_one_deep_linear_trainable(family, train):
         before = model(x)
     model.requires_grad_(False)
     layer = model.get_submodule(FAMILIES[family].deep_linear)
-    assert isinstance(layer, nn.Linear)
+    assert is_channel_map(layer)
     layer.requires_grad_(True)
     out = model(x)
     assert_same(out, before, atol=0, rtol=0)
@@ -556,6 +582,11 @@ def test_only_one_deep_linear_trainable(family, train):
 def test_opacus_grad_samples_equal_per_sample_gradients(family):
     from opacus import GradSampleModule
 
+    if FAMILIES[family].batch_statistics:  # Opacus's documented answer: replace BatchNorm (e.g. by GroupNorm)
+        with warnings.catch_warnings(), pytest.raises(NotImplementedError, match="not supported by Opacus"):
+            warnings.simplefilter("ignore")
+            GradSampleModule(make(family).eval(), batch_first=True, loss_reduction="sum", strict=False)
+        return
     model = make(family).train()
     x = image(family, batch=3)
     expected = per_sample_grads_by_loop(model, x)
@@ -716,7 +747,7 @@ def test_functional_call(family):
 def test_vmap_grad_gives_per_sample_gradients(family):
     from torch.func import functional_call, grad, vmap
 
-    model = make(family).train()
+    model = make(family).train(not FAMILIES[family].batch_statistics)
     x = image(family, batch=3)
     expected = per_sample_grads_by_loop(model, x)
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -768,10 +799,14 @@ EXPORT_SIZES = {  # (batch, height, width) the dynamic program is checked at
     "cyclemlp": [(1, 35, 35), (3, 40, 64), (2, 64, 64), (1, 97, 50)],
     "cyclemlp_fork": [(1, 35, 35), (2, 41, 70), (1, 64, 64)],
     "vip": [(1, 28, 28), (3, 28, 28), (5, 28, 28)],
+    "wavemlp": [(1, 35, 35), (3, 40, 64), (2, 64, 64), (1, 97, 50)],
+    "wavemlp_fork": [(1, 35, 35), (2, 41, 70), (1, 64, 64)],
+    "hiremlp": [(1, 64, 64), (3, 64, 64)],
 }
 # CycleMLP's documented dynamic height/width range (README): every stage grid at least 2x2, i.e. H, W >= 35
 STAGED_DYNAMIC_MIN = 35
-STAGED = [name for name, family in FAMILIES.items() if not family.fixed_input_size]
+ANY_SIZE = [name for name, family in FAMILIES.items() if not family.fixed_input_size]
+STAGED = [name for name in ANY_SIZE if FAMILIES[name].dynamic_size_export]
 
 
 def export(model: nn.Module, x: torch.Tensor, dynamic: dict, oblivious: bool = False):
@@ -802,17 +837,18 @@ def test_torch_export_with_dynamic_shapes(family):
     assert_exported_matches(family, export(model, example, dynamic), model, EXPORT_SIZES[family])
 
 
-@pytest.mark.parametrize("family", STAGED)
+@pytest.mark.parametrize("family", ANY_SIZE)
 def test_cyclemlp_export_at_the_smallest_input(family):
-    """3x3, the smallest input CycleMLP takes (every stage grid 1x1), exports with a static size."""
+    """The smallest input the model takes (CycleMLP: 3x3, every stage grid 1x1) exports with a static size."""
     from torch.export import Dim
 
     model = make(family).eval()
-    exported = export(model, image(family, size=(3, 3)), {0: Dim("batch", min=1, max=64)})
-    assert_exported_matches(family, exported, model, [(1, 3, 3), (3, 3, 3)])
+    side = model.accepts[2][0]
+    exported = export(model, image(family, size=(side, side)), {0: Dim("batch", min=1, max=64)})
+    assert_exported_matches(family, exported, model, [(1, side, side), (3, side, side)])
 
 
-@pytest.mark.parametrize("family", STAGED)
+@pytest.mark.parametrize("family", [name for name in STAGED if FAMILIES[name].architecture == "CycleMLP"])
 @pytest.mark.xfail(
     strict=True,
     reason="one program cannot cover 3x3 inputs (1x1 grids) and larger ones: torch.export guards grid != 1 in "

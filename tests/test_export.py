@@ -31,6 +31,22 @@ SMALL = {
             mlp_ratios=[2, 2],
         ),
     ),  # fmt: skip
+    "WaveMLP": (
+        "wavemlp_s",
+        dict(img_size=29, layers=[1, 1], embed_dims=[8, 16], mlp_ratios=[2, 2], transitions=[True, True]),
+    ),
+    "HireMLP": (  # two blocks in the first stage: the second one shifts
+        "hiremlp_tiny",
+        dict(
+            img_size=29,
+            layers=[2, 1],
+            embed_dims=[8, 16],
+            mlp_ratios=[2, 2],
+            pixel=[3, 2],
+            step_stride=[2, 2],
+            step_dilation=[1, 1],
+        ),
+    ),  # fmt: skip
 }
 
 

@@ -47,6 +47,7 @@ from .wavemlp import (
     TokenBatchNorm,
     check_choice,
     fuse_branches,
+    pooled_sum,
 )
 
 STEP_PAD_MODES = ("c", "0")
@@ -64,6 +65,14 @@ CONFIGS = {
     "base": dict(layers=[4, 6, 24, 3], embed_dims=[64, 128, 320, 512], mlp_ratios=[4, 4, 4, 4], **_REARRANGEMENT),
     "large": dict(layers=[4, 6, 24, 3], embed_dims=[96, 192, 384, 768], mlp_ratios=[4, 4, 4, 4], **_REARRANGEMENT),
 }
+
+
+def roll(x: torch.Tensor, shift: int, dim: int) -> torch.Tensor:
+    """torch.roll(x, shift, dim) for shift >= 0, as two slices: the same values for any shift, also one larger than
+    the map (which the TorchScript-based ONNX exporter's roll, without the modulo, gets wrong)."""
+    size = x.shape[dim]
+    shift = shift % size
+    return torch.cat([x.narrow(dim, size - shift, shift), x.narrow(dim, 0, size - shift)], dim)
 
 
 class HireTokenMixer(nn.Module):
@@ -91,7 +100,7 @@ class HireTokenMixer(nn.Module):
         """Cross-region rearrangement of channels-last x along `dim` (1: rows, 2: columns) by `step`: a roll ('c')
         or a zero-filled shift towards the end ('0')."""
         if self.step_pad_mode == "c":
-            return torch.roll(x, self.step, dim)
+            return roll(x, self.step, dim)
         size = x.shape[dim]
         before = [0, 0, self.step, 0] if dim == 2 else [0, 0, 0, 0, self.step, 0]
         return F.pad(x, before).narrow(dim, 0, size)
@@ -105,10 +114,9 @@ class HireTokenMixer(nn.Module):
             return torch.cat([x, x.narrow(dim, 0, pad)], dim)
         if self.pixel_pad_mode == "0":
             return F.pad(x, [0, 0, 0, pad] if dim == 2 else [0, 0, 0, 0, 0, pad])
-        last = x.narrow(dim, size - 1, 1)
-        shape = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]]
-        shape[dim] = pad
-        return torch.cat([x, last.expand(shape)], dim)
+        # replicate: F.pad pads the last two dimensions of the NCHW view (H, W)
+        pads = [0, pad, 0, 0] if dim == 2 else [0, 0, 0, pad]
+        return F.pad(x.permute(0, 3, 1, 2), pads, mode="replicate").permute(0, 2, 3, 1)
 
     def _mix_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The height branch on channels-last x (B, H, W, C)."""
@@ -123,7 +131,7 @@ class HireTokenMixer(nn.Module):
         x = x.reshape(batch, groups, width, channels, self.pixel).permute(0, 1, 4, 2, 3)
         x = x.reshape(batch, groups * self.pixel, width, channels).narrow(1, 0, height)
         if self.step and self.step_pad_mode == "c":
-            x = torch.roll(x, -self.step, 1)
+            x = roll(x, height - self.step % height, 1)
         return x
 
     def _mix_columns(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,15 +147,13 @@ class HireTokenMixer(nn.Module):
         x = x.reshape(batch, height, groups, channels, self.pixel).permute(0, 1, 2, 4, 3)
         x = x.reshape(batch, height, groups * self.pixel, channels).narrow(2, 0, width)
         if self.step and self.step_pad_mode == "c":
-            x = torch.roll(x, -self.step, 2)
+            x = roll(x, width - self.step % width, 2)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.permute(0, 2, 3, 1)
-        h = self._mix_rows(tokens).permute(0, 3, 1, 2)
-        w = self._mix_columns(tokens).permute(0, 3, 1, 2)
-        c = self.mlp_c(x)
-        return self.proj_drop(self.proj(fuse_branches(self.reweight, h, w, c)))
+        h, w, c = self._mix_rows(tokens), self._mix_columns(tokens), self.mlp_c(x).permute(0, 2, 3, 1)
+        return self.proj_drop(self.proj(fuse_branches(h, w, c, self.reweight(pooled_sum(h, w, c)))))
 
     def extra_repr(self) -> str:
         return (

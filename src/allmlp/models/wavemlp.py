@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .entries import IN1K, ModelEntry, hosted, imagenet_preprocessing
@@ -66,17 +67,40 @@ def make_norm(kind: str, dim: int) -> nn.Module:
 
 class TokenBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d over the channels of channels-last tokens (B, H, W, C): the final norm and the fork_feat norms,
-    which the model interface applies to tokens. The authors' module and keys; its own parameters, NCHW view."""
+    which the model interface applies to tokens. The authors' module and keys; it normalises the NCHW view with its
+    own parameters and statistics exactly as nn.BatchNorm2d's forward does (spelled out: TorchScript cannot call
+    super(), and torch.fx cannot trace BatchNorm's input-rank check)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:  # cumulative moving average
+                    factor = 1.0 / float(self.num_batches_tracked)
+                else:
+                    factor = self.momentum
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        tracked = not self.training or self.track_running_stats
+        return F.batch_norm(
+            x.permute(0, 3, 1, 2),
+            self.running_mean if tracked else None,
+            self.running_var if tracked else None,
+            self.weight,
+            self.bias,
+            batch_stats,
+            factor,
+            self.eps,
+        ).permute(0, 2, 3, 1)
 
 
 class TokenGroupNorm(nn.GroupNorm):
     """GroupNorm over channels-last tokens (B, H, W, C), as TokenBatchNorm."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return F.group_norm(x.permute(0, 3, 1, 2), self.num_groups, self.weight, self.bias, self.eps).permute(
+            0, 2, 3, 1
+        )
 
 
 def make_token_norm(kind: str, dim: int) -> nn.Module:
@@ -98,13 +122,16 @@ class ConvMlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
-def fuse_branches(reweight: nn.Module, h: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Split attention over three NCHW branches, as Wave-MLP and Hire-MLP do it: `reweight` (a ConvMlp) maps the
-    mean over positions of h + w + c, (B, C, 1, 1), to (B, 3C, 1, 1) logits, interleaved (channel c, branch k at
-    3c + k), softmax over the branches, weighted sum. Computed on the channels-last views; returns NCHW."""
-    h, w, c = h.permute(0, 2, 3, 1), w.permute(0, 2, 3, 1), c.permute(0, 2, 3, 1)
-    logits = reweight(branch_means(h, w, c)[:, :, None, None])
+def fuse_branches(h: torch.Tensor, w: torch.Tensor, c: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Split attention over three branches, channels-last (B, H, W, C), as Wave-MLP and Hire-MLP do it: `logits`
+    (B, 3C, 1, 1), the `reweight` MLP of `pooled_sum(h, w, c)`, are interleaved (channel c, branch k at 3c + k) and
+    softmaxed over the branches; returns the weighted sum as an NCHW view (channels_last memory format)."""
     return split_attention(h, w, c, logits.flatten(1), [-1]).permute(0, 3, 1, 2)
+
+
+def pooled_sum(h: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(B, C, 1, 1): the mean over positions of h + w + c (channels-last), the input of the `reweight` MLP."""
+    return branch_means(h, w, c)[:, :, None, None]
 
 
 class PATM(nn.Module):
@@ -139,8 +166,8 @@ class PATM(nn.Module):
         x_w = self.fc_w(x)
         h = self.tfc_h(torch.cat([x_h * torch.cos(theta_h), x_h * torch.sin(theta_h)], dim=1))
         w = self.tfc_w(torch.cat([x_w * torch.cos(theta_w), x_w * torch.sin(theta_w)], dim=1))
-        c = self.fc_c(x)
-        return self.proj_drop(self.proj(fuse_branches(self.reweight, h, w, c)))
+        h, w, c = h.permute(0, 2, 3, 1), w.permute(0, 2, 3, 1), self.fc_c(x).permute(0, 2, 3, 1)
+        return self.proj_drop(self.proj(fuse_branches(h, w, c, self.reweight(pooled_sum(h, w, c)))))
 
 
 class ConvBlock(nn.Module):
