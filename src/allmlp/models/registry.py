@@ -219,7 +219,7 @@ def _build(architecture: type[nn.Module], config: dict) -> nn.Module:
 def _is_weight_file(name: str | os.PathLike) -> bool:
     return (
         isinstance(name, os.PathLike)
-        or Path(name).suffix in {".safetensors", ".npz", ".pth", ".pt", ".bin"}
+        or Path(name).suffix in {".safetensors", ".npz", ".pth", ".pt", ".bin", ".tar"}
         or os.path.isfile(name)
     )
 
