@@ -127,7 +127,8 @@ class HireTokenMixer(nn.Module):
         groups = (height + self.pixel - 1) // self.pixel
         x = x.reshape(batch, groups, self.pixel, width, channels).permute(0, 1, 3, 4, 2)
         x = x.reshape(batch, groups, width, channels * self.pixel).permute(0, 3, 1, 2)
-        x = self.mlp_h2(self.act(self.mlp_h1_norm(self.mlp_h1(x)))).permute(0, 2, 3, 1)
+        x = self.act(self.mlp_h1_norm(self.mlp_h1(x)).permute(0, 2, 3, 1))  # on the channels-last view: faster
+        x = self.mlp_h2(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         x = x.reshape(batch, groups, width, channels, self.pixel).permute(0, 1, 4, 2, 3)
         x = x.reshape(batch, groups * self.pixel, width, channels).narrow(1, 0, height)
         if self.step and self.step_pad_mode == "c":
@@ -143,7 +144,8 @@ class HireTokenMixer(nn.Module):
         groups = (width + self.pixel - 1) // self.pixel
         x = x.reshape(batch, height, groups, self.pixel, channels).permute(0, 1, 2, 4, 3)
         x = x.reshape(batch, height, groups, channels * self.pixel).permute(0, 3, 1, 2)
-        x = self.mlp_w2(self.act(self.mlp_w1_norm(self.mlp_w1(x)))).permute(0, 2, 3, 1)
+        x = self.act(self.mlp_w1_norm(self.mlp_w1(x)).permute(0, 2, 3, 1))
+        x = self.mlp_w2(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         x = x.reshape(batch, height, groups, channels, self.pixel).permute(0, 1, 2, 4, 3)
         x = x.reshape(batch, height, groups * self.pixel, channels).narrow(2, 0, width)
         if self.step and self.step_pad_mode == "c":
