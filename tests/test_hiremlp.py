@@ -161,20 +161,20 @@ def test_released_checkpoint_loads_the_weights_the_authors_evaluate(tmp_path, wi
         torch.testing.assert_close(model(x), reference.eval()(x), atol=1e-5, rtol=1e-5)
 
 
-def test_released_tiny_checkpoint_loads_everywhere(tmp_path):
-    """The tiny release's layout, through load_weights, create_model(weights=) and `allmlp convert`."""
+def check_released_checkpoint_loads(variant: str, tmp_path: Path) -> None:
+    """A release's layout, through load_weights, create_model(weights=) and `allmlp convert`."""
     torch.manual_seed(0)
     with torch.device("meta"):
-        shapes = allmlp.create_model("hiremlp_tiny")
+        shapes = allmlp.create_model(f"hiremlp_{variant}")
     reference = randomise_batchnorm_stats(AUTHORS["HireMLP"](shapes.config), seed=1).eval()
-    path = tmp_path / "hire_mlp_tiny.pth"
+    path = tmp_path / f"hire_mlp_{variant}.pth"
     training_checkpoint(reference, path, with_args=True)
     x = torch.randn(1, 3, 67, 59)
     with torch.no_grad():
         expected = reference(x)
     models = [
-        allmlp.load_weights(allmlp.create_model("hiremlp_tiny"), path),
-        allmlp.create_model("hiremlp_tiny", weights=path),
+        allmlp.load_weights(allmlp.create_model(f"hiremlp_{variant}"), path),
+        allmlp.create_model(f"hiremlp_{variant}", weights=path),
         convert(path, tmp_path / "converted.safetensors"),
         allmlp.create_model(tmp_path / "converted.safetensors"),
     ]
@@ -182,6 +182,16 @@ def test_released_tiny_checkpoint_loads_everywhere(tmp_path):
     for model in models:
         with torch.no_grad():
             torch.testing.assert_close(model.eval()(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_released_tiny_checkpoint_loads_everywhere(tmp_path):
+    check_released_checkpoint_loads("tiny", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["small", "base"])
+def test_released_checkpoints_load_everywhere(variant, tmp_path):
+    check_released_checkpoint_loads(variant, tmp_path)
 
 
 def test_features_only_strides():
