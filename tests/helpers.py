@@ -257,3 +257,53 @@ def tiny_spach(**overrides) -> nn.Module:
         channel_ratio=2.0,
     )  # fmt: skip
     return allmlp.Spach(**{**config, **overrides})
+
+
+def listed_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape from a key list of the shared reference (`key [d1,d2,...]` per line)."""
+    shapes = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            key, shape = line.split()
+            shapes[key] = tuple(int(d) for d in re.findall(r"\d+", shape))
+    return shapes
+
+
+def randomise_batchnorm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm running means and variances (eval-mode outputs then depend on them)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.3)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+    return model
+
+
+def tiny_wavemlp(**overrides) -> nn.Module:
+    config = dict(
+        layers=[1, 1, 1, 1],
+        embed_dims=[16, 32, 48, 64],
+        transitions=[True] * 4,
+        mlp_ratios=[2, 2, 2, 2],
+        num_classes=10,
+        norm_layer="batch",
+        mode="fc",
+        fork_feat=False,
+        global_pool="avg",
+    )
+    return allmlp.WaveMLP(**{**config, **overrides})
+
+
+def tiny_hiremlp(**overrides) -> nn.Module:
+    config = dict(
+        layers=[2, 1, 1, 1],  # two blocks: the second one shifts
+        embed_dims=[16, 32, 48, 64],
+        mlp_ratios=[2, 2, 2, 2],
+        pixel=[4, 3, 3, 2],
+        step_stride=[2, 2, 3, 2],
+        step_dilation=[2, 2, 1, 1],
+        num_classes=10,
+        global_pool="avg",
+    )
+    return allmlp.HireMLP(**{**config, **overrides})

@@ -36,6 +36,7 @@ from helpers import (
     tiny_cyclemlp,
     tiny_gmixer,
     tiny_gmlp,
+    tiny_hiremlp,
     tiny_mixer,
     tiny_msmlp,
     tiny_repmlpnet,
@@ -45,6 +46,7 @@ from helpers import (
     tiny_spach_ms,
     tiny_swinmlp,
     tiny_vip,
+    tiny_wavemlp,
 )
 
 BATCH = 2
@@ -80,8 +82,8 @@ class Family:
     fixed_input_size: bool = True
     stage_counts: int = 0  # how many feature_info entries the tiny model has
     norm_after_pool: bool = False  # the final norm follows the pooling (per-token logits: head(norm(token)))
-    smallest_input: int = 3  # any-size families: the smallest height and width the model takes
     dynamic_min: int = 35  # any-size families: the smallest side of the dynamic export range (stage grids >= 2)
+    dynamic_size_export: bool = True  # False: torch.export takes a dynamic batch, one program per input size
     # BatchNorm layers: in training they normalise by batch statistics, so one sample's gradient depends on the
     # others' and per-sample gradients are defined in eval mode only; Opacus refuses BatchNorm outright (its
     # ModuleValidator.fix swaps in GroupNorm, which is what a private training of such a model uses)
@@ -186,7 +188,6 @@ FAMILIES = {
         fixed_input_size=False,
         stage_counts=4,
         norm_after_pool=True,
-        smallest_input=32,
         dynamic_min=64,
         not_exportable_down_to_smallest="torch.export guards grid != 1 in the depthwise mixing convs on a "
         "channels-last view: one program cannot cover 32x32 (1x1 last grid) and larger inputs",
@@ -300,10 +301,58 @@ FAMILIES = {
         stage_counts=2,
         opacus_functorch=True,
     ),
+    "wavemlp": Family(
+        tiny_wavemlp,
+        (64, 64),
+        "WaveMLP",
+        "network.6.0.mlp.fc2",
+        "wavemlp_t",
+        dict(layers=[1, 1, 1, 1]),
+        fixed_input_size=False,
+        stage_counts=4,
+        batch_norm=True,
+        opacus_functorch=True,
+        lora_pointwise_convs=True,
+        not_exportable_down_to_smallest="torch.export guards every stage grid >= 2 (H, W >= 35) in the depthwise "
+        "and grouped convs on channels-last views: one program cannot cover 3x3 inputs and larger ones; dynamic "
+        "from 35 up and static sizes down to 3x3 export",
+    ),
+    "wavemlp_fork": Family(
+        partial(tiny_wavemlp, fork_feat=True, norm_layer="group"),
+        (64, 64),
+        "WaveMLP",
+        "network.6.0.mlp.fc2",
+        "wavemlp_s",
+        dict(layers=[1, 1, 1, 1], fork_feat=True),
+        classifier=False,
+        fixed_input_size=False,
+        stage_counts=4,
+        batch_norm=True,
+        opacus_functorch=True,
+        lora_pointwise_convs=True,
+        not_exportable_down_to_smallest="torch.export guards every stage grid >= 2 (H, W >= 35) in the depthwise "
+        "and grouped convs on channels-last views: one program cannot cover 3x3 inputs and larger ones; dynamic "
+        "from 35 up and static sizes down to 3x3 export",
+    ),
+    "hiremlp": Family(
+        tiny_hiremlp,
+        (64, 64),
+        "HireMLP",
+        "network.6.0.mlp.fc2",
+        "hiremlp_tiny",
+        dict(layers=[1, 1, 1, 1]),
+        fixed_input_size=False,
+        stage_counts=4,
+        batch_norm=True,
+        opacus_functorch=True,
+        lora_pointwise_convs=True,
+        dynamic_size_export=False,
+    ),
 }
 CLASSIFIERS = [name for name, family in FAMILIES.items() if family.classifier]
 # the lead documents why a family cannot be scripted; xfail(strict=True) entries go here with the reason
 NOT_SCRIPTABLE: dict[str, str] = {
+    "wavemlp_fork": "fork_feat's forward is forward_intermediates(norm=True), as CycleMLP's",
     "cyclemlp_fork": "fork_feat's forward is forward_intermediates(norm=True), which TorchScript cannot compile "
     "(f-string errors, int-or-list indices)",
     "convmlp_backbone": "classifier_head=False's forward is forward_intermediates, which TorchScript cannot compile "
@@ -464,7 +513,8 @@ def test_every_architecture_has_a_tiny_config():
 def test_forward_hooks_fire_once_per_forward(family, train, grad):
     model = make(family).train(train)
     modules = hooked_modules(model)
-    assert any(isinstance(m, nn.Linear) for m in modules.values())
+    assert any(isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)) for m in
+               modules.values())  # fmt: skip  # channel maps: Linear, or 1x1 convs (Wave-MLP's fork_feat backbone)
     assert any(isinstance(m, NORMS) or "norm" in name for name, m in modules.items())  # ResMLP: Affine
     assert any(isinstance(m, nn.Conv2d) for m in modules.values())
     calls = Counter()
@@ -551,8 +601,8 @@ def test_peft_lora(family):
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
     merged = lora.merge_and_unload().eval()
     assert not any(isinstance(m, (LoraLinear, LoraConv2d)) for m in merged.modules())
-    with torch.no_grad():
-        assert_same(merged(x), flat(out).detach())
+    with torch.no_grad():  # merging reorders float32 sums: the error scales with the outputs (large under LoRA)
+        assert_same(merged(x), flat(out).detach(), atol=1e-5 * max(1.0, flat(out).abs().max().item()))
 
 
 class HandLoRA(nn.Module):
@@ -610,8 +660,16 @@ def test_lora_by_module_replacement(family):
 # 3. Pruning and parametrisations
 
 
-def l1_prune(model: nn.Module) -> nn.Module:
-    for name in linear_names(model, head=True):
+def channel_maps(model: nn.Module, family: str | None = None) -> list[str]:
+    """Every Linear (the head too), and the 1x1 convolutions of families that map channels by them."""
+    names = linear_names(model, head=True)
+    if family is not None and FAMILIES[family].lora_pointwise_convs:
+        names += [n for n in lora_names(model, family) if n not in names]
+    return names
+
+
+def l1_prune(model: nn.Module, family: str | None = None) -> nn.Module:
+    for name in channel_maps(model, family):
         prune.l1_unstructured(model.get_submodule(name), "weight", 0.5)
     return model
 
@@ -629,8 +687,8 @@ def with_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Modul
 def test_l1_unstructured_pruning(family):
     base = make(family).eval()
     x = image(family)
-    pruned = l1_prune(copy.deepcopy(base))
-    names = linear_names(base, head=True)
+    pruned = l1_prune(copy.deepcopy(base), family)
+    names = channel_maps(base, family)
     # Change the unpruned weights after pruning: a forward that reads a stale `.weight` instead of calling the
     # module (whose pre-hook recomputes weight_orig * weight_mask) is caught.
     generator = torch.Generator().manual_seed(9)
@@ -639,7 +697,7 @@ def test_l1_unstructured_pruning(family):
             module = pruned.get_submodule(name)
             module.weight_orig.add_(0.1 * torch.randn(module.weight_orig.shape, generator=generator))
     masks = {n: pruned.get_submodule(n).weight_mask for n in names}
-    assert all(0.45 < m.float().mean() < 0.55 for m in masks.values())
+    assert all(int((m == 0).sum()) == round(0.5 * m.numel()) for m in masks.values())  # what prune promises
     expected = with_weights(base, {n: pruned.get_submodule(n).weight_orig * masks[n] for n in names})
     out = pruned(x)
     with torch.no_grad():
@@ -664,7 +722,7 @@ class RowScale(nn.Module):
         self.scale = nn.Parameter(0.5 + torch.rand(rows, generator=generator))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.scale[:, None]
+        return weight * self.scale.reshape([-1] + [1] * (weight.ndim - 1))
 
 
 @ALL
@@ -672,11 +730,11 @@ def test_parametrize_every_linear(family):
     base = make(family).eval()
     x = image(family)
     model = copy.deepcopy(base)
-    names = linear_names(model, head=True)
+    names = channel_maps(model, family)
     generator = torch.Generator().manual_seed(5)
     for name in names:
         module = model.get_submodule(name)
-        parametrize.register_parametrization(module, "weight", RowScale(module.out_features, generator))
+        parametrize.register_parametrization(module, "weight", RowScale(module.weight.shape[0], generator))
     expected = with_weights(base, {n: model.get_submodule(n).weight for n in names})
     out = model(x)
     with torch.no_grad():
@@ -699,7 +757,7 @@ def test_parametrize_every_linear(family):
 def test_quantize_dynamic_replaces_every_linear(family):
     model = make(family).eval()
     x = image(family)
-    count = len(linear_names(model, head=True))
+    count = sum(isinstance(m, nn.Linear) for m in model.modules())  # dynamic quantisation takes Linear only
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
@@ -709,7 +767,10 @@ def test_quantize_dynamic_replaces_every_linear(family):
     with torch.no_grad():
         ref, out = flat(model(x)), flat(quantized(x))
     error = (out - ref).norm() / ref.norm()
-    assert 0 < error < 0.05, f"relative error {error:.4f}"
+    if count:
+        assert 0 < error < 0.05, f"relative error {error:.4f}"
+    else:  # a backbone of convolutions only (Wave-MLP with fork_feat): nothing to quantise
+        assert error == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -725,7 +786,7 @@ def test_only_one_deep_linear_trainable(family, train):
         before = model(x)
     model.requires_grad_(False)
     layer = model.get_submodule(FAMILIES[family].deep_linear)
-    assert isinstance(layer, nn.Linear)
+    assert isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1))
     layer.requires_grad_(True)
     out = model(x)
     assert_same(out, before, atol=0, rtol=0)
@@ -752,7 +813,11 @@ def test_opacus_grad_samples_equal_per_sample_gradients(family):
     model = make(family).train()
     if FAMILIES[family].batch_norm:
         model = ModuleValidator.fix(model)
-        assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):  # a BatchNorm subclass the fix leaves
+            with warnings.catch_warnings(), pytest.raises(NotImplementedError, match="not supported by Opacus"):
+                warnings.simplefilter("ignore")
+                GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
+            return
     x = image(family, batch=3)
     expected = per_sample_grads_by_loop(model, x)
     with warnings.catch_warnings():
@@ -964,6 +1029,9 @@ def test_accelerate_init_empty_weights_then_assign(family):
 
 
 EXPORT_SIZES = {  # (batch, height, width) the dynamic program is checked at
+    "wavemlp": [(1, 35, 35), (3, 40, 64), (2, 64, 64), (1, 97, 50)],
+    "wavemlp_fork": [(1, 35, 35), (2, 41, 70), (1, 64, 64)],
+    "hiremlp": [(1, 64, 64), (3, 64, 64)],
     "mixer": [(1, 32, 32), (3, 32, 32), (5, 32, 32)],
     "cyclemlp": [(1, 35, 35), (3, 40, 64), (2, 64, 64), (1, 97, 50)],
     "cyclemlp_fork": [(1, 35, 35), (2, 41, 70), (1, 64, 64)],
@@ -982,7 +1050,8 @@ EXPORT_SIZES = {  # (batch, height, width) the dynamic program is checked at
     "activemlp": [(1, 35, 35), (3, 40, 64), (2, 64, 64), (1, 97, 50)],
     "repmlpnet": [(1, 32, 64), (3, 32, 64), (5, 32, 64)],
 }
-STAGED = [name for name, family in FAMILIES.items() if not family.fixed_input_size]
+ANY_SIZE = [name for name, family in FAMILIES.items() if not family.fixed_input_size]
+STAGED = [name for name in ANY_SIZE if FAMILIES[name].dynamic_size_export]  # one program for a range of sizes
 
 
 def export(model: nn.Module, x: torch.Tensor, dynamic: dict, oblivious: bool = False):
@@ -1020,14 +1089,14 @@ def test_torch_export_with_dynamic_shapes(family):
     assert_exported_matches(family, export(model, example, dynamic), model, EXPORT_SIZES[family])
 
 
-@pytest.mark.parametrize("family", [name for name in STAGED if FAMILIES[name].size_step == 1])
+@pytest.mark.parametrize("family", [name for name in ANY_SIZE if FAMILIES[name].size_step == 1])
 def test_export_at_the_smallest_input(family):
     """The smallest input an any-size family takes (every stage grid 1x1; CycleMLP 3x3, MS-MLP 32x32) exports with a
     static size."""
     from torch.export import Dim
 
     model = make(family).eval()
-    side = FAMILIES[family].smallest_input
+    side = model.accepts[2][0]  # the smallest height the model takes
     exported = export(model, image(family, size=(side, side)), {0: Dim("batch", min=1, max=64)})
     assert_exported_matches(family, exported, model, [(1, side, side), (3, side, side)])
 
@@ -1039,7 +1108,7 @@ def test_export_dynamic_down_to_the_smallest_input(family, request):
     from torch.export import Dim
 
     model = make(family).eval()
-    side = FAMILIES[family].smallest_input  # CycleMLP: 3x3
+    side = model.accepts[2][0]  # the smallest height the model takes (CycleMLP: 3)
     dynamic = {0: Dim("batch", min=1, max=64), 2: Dim("height", min=side, max=256), 3: Dim("width", min=side, max=256)}
     exported = export(model, image(family), dynamic, oblivious=True)
     sizes = [(1, side, side), (3, side + 14, side + 37), (2, side + 29, side + 29), (1, side + 61, side + 45)]

@@ -61,6 +61,22 @@ SMALL = {
         dict(img_size=64, hidden_dim=8, net_arch=[[["pass", 1]], [["mlp", 1]], [["mlp", 1]], [["mlp", 1]]]),
     ),
     "Spach": ("spach_mlp_xxs", dict(img_size=32, patch_size=8, hidden_dim=16, net_arch=[["mlp", 1], ["pass", 1]])),
+    "WaveMLP": (
+        "wavemlp_s",
+        dict(img_size=29, layers=[1, 1], embed_dims=[8, 16], mlp_ratios=[2, 2], transitions=[True, True]),
+    ),
+    "HireMLP": (  # two blocks in the first stage: the second one shifts
+        "hiremlp_tiny",
+        dict(
+            img_size=29,
+            layers=[2, 1],
+            embed_dims=[8, 16],
+            mlp_ratios=[2, 2],
+            pixel=[3, 2],
+            step_stride=[2, 2],
+            step_dilation=[1, 1],
+        ),
+    ),  # fmt: skip
 }
 
 

@@ -432,6 +432,7 @@ def test_download_all_fetches_every_release_from_a_mirror(server, capsys, tmp_pa
     files = {
         ".npz": official_npz(TINY_MIXER)[0],
         ".pth": torch_bytes({"model": {"w": torch.zeros(1)}}),
+        ".tar": torch_bytes({"w": torch.zeros(1)}),  # Wave-MLP's WaveMLP_*.pth.tar
         ".safetensors": safetensors_bytes({"w": torch.zeros(1)}, tmp_path),
     }
     releases = [release for entry in REGISTRY.values() for release in entry.releases]

@@ -30,6 +30,8 @@ EXPECTED = {
     "repmlpnet_b256_i1k",
     "smlpnet_s_i1k",
     "spach_ms_mlp_s_i1k",
+    "wavemlp_t_i1k",
+    "hiremlp_tiny_i1k",
 }
 
 

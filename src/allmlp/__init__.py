@@ -1,4 +1,4 @@
-"""allmlp: all-MLP vision models (MLP-Mixer, CycleMLP, Vision Permutator) with their published weights."""
+"""allmlp: all-MLP vision models (MLP-Mixer, CycleMLP, Vision Permutator, Wave-MLP, Hire-MLP) with published weights."""
 
 from .models import (
     ASMLP,
@@ -8,6 +8,7 @@ from .models import (
     ConvMLP,
     CycleMLP,
     GMixer,
+    HireMLP,
     MlpMixer,
     RepMLPNet,
     ResMLP,
@@ -16,6 +17,7 @@ from .models import (
     SpachMS,
     SwinMLP,
     VisionPermutator,
+    WaveMLP,
     create_model,
     get_entry,
     list_models,
@@ -35,6 +37,7 @@ __all__ = [
     "CycleMLP",
     "GMLP",
     "GMixer",
+    "HireMLP",
     "MlpMixer",
     "RepMLPNet",
     "ResMLP",
@@ -43,6 +46,7 @@ __all__ = [
     "SpachMS",
     "SwinMLP",
     "VisionPermutator",
+    "WaveMLP",
     "WeightsError",
     "adapt_resolution",
     "create_model",

@@ -3,6 +3,7 @@ from .asmlp import ASMLP
 from .convmlp import ConvMLP
 from .cyclemlp import CycleMLP
 from .gmlp import GMLP, GMixer
+from .hiremlp import HireMLP
 from .mixer import MlpMixer
 from .msmlp import MSMLP
 from .optimize import optimize_for_inference
@@ -14,6 +15,7 @@ from .smlp import SMLPNet
 from .spach import Spach, SpachMS
 from .swinmlp import SwinMLP
 from .vip import VisionPermutator
+from .wavemlp import WaveMLP
 
 __all__ = [
     "ASMLP",
@@ -24,6 +26,7 @@ __all__ = [
     "CycleMLP",
     "GMLP",
     "GMixer",
+    "HireMLP",
     "MlpMixer",
     "ModelEntry",
     "Preprocessing",
@@ -34,6 +37,7 @@ __all__ = [
     "SpachMS",
     "SwinMLP",
     "VisionPermutator",
+    "WaveMLP",
     "WeightRelease",
     "create_model",
     "get_entry",

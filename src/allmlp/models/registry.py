@@ -23,7 +23,7 @@ from ..weights import (
     read_state_dict,
 )
 from ..weights.hub import fetch_release
-from . import activemlp, asmlp, convmlp, gmlp, msmlp, repmlp, resmlp, smlp, spach, swinmlp
+from . import activemlp, asmlp, convmlp, gmlp, hiremlp, msmlp, repmlp, resmlp, smlp, spach, swinmlp, wavemlp
 from .cyclemlp import CONFIGS as CYCLEMLP_CONFIGS
 from .cyclemlp import CycleMLP
 from .entries import IN1K, ModelEntry, Preprocessing, WeightRelease, hosted, imagenet_preprocessing
@@ -176,7 +176,7 @@ REGISTRY.update(
 )
 
 # The families after Mixer, CycleMLP and ViP: each module lists its registry entries as ENTRIES.
-FAMILY_MODULES = (resmlp, gmlp, msmlp, convmlp, asmlp, swinmlp, activemlp, repmlp, smlp, spach)
+FAMILY_MODULES = (resmlp, gmlp, msmlp, convmlp, asmlp, swinmlp, activemlp, repmlp, smlp, spach, wavemlp, hiremlp)
 for _family in FAMILY_MODULES:
     REGISTRY.update({entry.name: entry for entry in _family.ENTRIES})
 
@@ -247,7 +247,7 @@ def _build(architecture: type[nn.Module], config: dict) -> nn.Module:
 def _is_weight_file(name: str | os.PathLike) -> bool:
     return (
         isinstance(name, os.PathLike)
-        or Path(name).suffix in {".safetensors", ".npz", ".pth", ".pt", ".bin"}
+        or Path(name).suffix in {".safetensors", ".npz", ".pth", ".pt", ".bin", ".tar"}
         or os.path.isfile(name)
     )
 

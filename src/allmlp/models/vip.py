@@ -84,8 +84,11 @@ def split_attention(
     The weights are indexed channel * 3 + branch (the authors reshape them to (B, C, 3)). Branches may be
     strided views (ViP's permuted outputs); the result has the memory layout of `c`, which is contiguous.
     """
-    a = weights.reshape([weights.shape[0], 1, 1] + channel_shape + [3]).softmax(dim=-1)
-    return (c * a[..., 2]).addcmul_(h, a[..., 0]).addcmul_(w, a[..., 1])
+    # branch-major and contiguous: broadcasting a strided weight view is several times slower on CPU
+    # (the branch axis by its positive index: the TorchScript-based ONNX exporter mis-writes movedim(-1, 0))
+    branch = len(channel_shape) + 3
+    a = weights.reshape([weights.shape[0], 1, 1] + channel_shape + [3]).softmax(dim=-1).movedim(branch, 0).contiguous()
+    return (c * a[2]).addcmul_(h, a[0]).addcmul_(w, a[1])
 
 
 class WeightedPermuteMLP(nn.Module):

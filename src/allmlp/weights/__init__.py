@@ -1,9 +1,10 @@
 """Weights in every published format, loaded strictly into allmlp models; allmlp's own format is safetensors.
 
 `load_weights` detects the format from the content: allmlp safetensors (config in the metadata), timm state
-dicts (.pth/.bin/.safetensors, bare or wrapped), the official JAX Mixer .npz releases, the authors'
-CycleMLP / ViP / ResMLP checkpoints and timm's ResMLP files (renamed to FB's names). Names that differ from
-allmlp's are converted by the module for that format.
+dicts (.pth/.bin/.safetensors, bare or wrapped), the official JAX Mixer .npz releases, the authors' checkpoints
+of every family (their module names are allmlp's; CycleMLP's offsets and Wave-MLP's thop counters are checked or
+dropped) and timm's ResMLP files (renamed to FB's names). Names that differ from allmlp's are converted by the
+module for that format.
 Every format then meets the model in `load_weights`, which is also where a 3-channel (RGB) stem is adapted to a
 model built for another number of input channels.
 """
@@ -34,6 +35,7 @@ from .files import (
 )
 from .jax_mixer import convert_jax_mixer, is_jax_mixer
 from .timm_families import convert_timm_resmlp, is_timm_resmlp
+from .wavemlp import drop_thop_counters, has_thop_counters
 
 __all__ = [
     "WeightsError",
@@ -54,6 +56,7 @@ FOREIGN_FORMATS: list[tuple[Callable[[list[str]], bool], Callable[[dict], dict[s
     (is_jax_mixer, convert_jax_mixer),
     (has_cycle_offsets, drop_cycle_offsets),
     (is_timm_resmlp, convert_timm_resmlp),
+    (has_thop_counters, drop_thop_counters),
 ]
 
 

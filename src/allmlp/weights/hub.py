@@ -32,7 +32,14 @@ if TYPE_CHECKING:
 
 ATTEMPTS = 3  # requests per download: a dropped connection is resumed from the bytes on disk, twice at most
 _CHUNK = 1 << 20
-_FORMAT_BY_SUFFIX = {".npz": "npz", ".safetensors": "safetensors", ".pth": "torch", ".pt": "torch", ".bin": "torch"}
+_FORMAT_BY_SUFFIX = {
+    ".npz": "npz",
+    ".safetensors": "safetensors",
+    ".pth": "torch",
+    ".pt": "torch",
+    ".bin": "torch",
+    ".tar": "torch",
+}  # .tar: torch.save files named .pth.tar (timm-era training scripts)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
 
 
