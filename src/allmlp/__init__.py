@@ -1,4 +1,5 @@
-"""allmlp: all-MLP vision models (MLP-Mixer, CycleMLP, Vision Permutator, Wave-MLP, Hire-MLP) with published weights."""
+"""allmlp: all-MLP vision models with their published weights: MLP-Mixer, CycleMLP, Vision Permutator, ResMLP, gMLP
+and gMixer, Wave-MLP, Hire-MLP, AS-MLP, MS-MLP, ActiveMLP, RepMLPNet, sMLPNet, SPACH-MLP, ConvMLP and Swin-MLP."""
 
 from .models import (
     ASMLP,
