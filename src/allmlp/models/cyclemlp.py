@@ -20,11 +20,11 @@ from .interface import pretrained_cfg
 from .layers import to_pair
 from .vip import (
     LAYER_NORM_EPS,
+    DenseStagedMLP,
     Downsample,
     PatchEmbed,
     PermutatorBlock,
     Reweight,
-    StagedMLP,
     branch_means,
     check_stage_lists,
     init_trunc_normal_,
@@ -125,7 +125,7 @@ class CycleTokenMixer(nn.Module):
         return self.proj(split_attention(h, w, c, self.reweight(branch_means(h, w, c)), [-1]))
 
 
-class CycleMLP(StagedMLP):
+class CycleMLP(DenseStagedMLP):
     """CycleMLP with the authors' argument names (their class CycleNet); any input size works, odd ones too.
 
     Patch embedding conv 7x7 stride 4 (padding 2), then stages with a conv 3x3 stride 2 between them (where
@@ -135,8 +135,6 @@ class CycleMLP(StagedMLP):
     is `forward_intermediates(x, norm=True, intermediates_only=True)`.
     `img_size` and `patch_size` are recorded only; the authors' code ignores them too.
     """
-
-    __constants__ = ["token_dims", "fork_feat"]  # TorchScript compiles only the branch the model takes
 
     def __init__(
         self,
@@ -216,39 +214,3 @@ class CycleMLP(StagedMLP):
         for module in self.modules():
             if isinstance(module, CycleFC):
                 module.reset_parameters()
-
-    def _require_head(self, what: str) -> None:
-        if self.fork_feat:
-            raise ValueError(f"{what}: this CycleMLP was built with fork_feat=True (feature maps only, no head)")
-
-    def get_classifier(self) -> nn.Module:
-        self._require_head("get_classifier")
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if num_classes:
-            self._require_head("reset_classifier")
-        super().reset_classifier(num_classes, global_pool)
-
-    def _intermediate_norm(self, index: int) -> nn.Module | None:
-        """With fork_feat, each stage's own norm; else the final norm, which fits the last stage only."""
-        if self.fork_feat:
-            return getattr(self, f"norm{self._stage_positions()[index]}")
-        return super()._intermediate_norm(index)
-
-    def _truncate(self, last: int) -> None:
-        if self.fork_feat:
-            for position in self._stage_positions()[last + 1 :]:
-                delattr(self, f"norm{position}")
-        super()._truncate(last)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """(B, H, W, C) tokens after the final norm; with fork_feat, the normalised (B, C, H, W) map of each stage."""
-        if self.fork_feat:
-            return self.forward_intermediates(x, norm=True, intermediates_only=True)
-        return self._tokens(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        if self.fork_feat:
-            return self.forward_intermediates(x, norm=True, intermediates_only=True)
-        return self.forward_head(self._tokens(x))

@@ -37,13 +37,12 @@ from torch import nn
 from .entries import IN1K, ModelEntry, hosted, imagenet_preprocessing
 from .interface import pretrained_cfg
 from .layers import to_pair
-from .vip import check_stage_lists, init_trunc_normal_
+from .vip import DenseStagedMLP, check_stage_lists, init_trunc_normal_
 from .wavemlp import (
     ConvBlock,
     ConvDownsample,
     ConvMlp,
     ConvPatchEmbed,
-    ConvStagedMLP,
     TokenBatchNorm,
     check_choice,
     fuse_branches,
@@ -189,7 +188,7 @@ def _check_ints(name: str, values: Sequence, minimum: int) -> None:
         raise ValueError(f"{name} must be ints >= {minimum}, one per stage, got {list(values)!r}")
 
 
-class HireMLP(ConvStagedMLP):
+class HireMLP(DenseStagedMLP):
     """Hire-MLP with the authors' argument names (their class HireMLPNet); any input size from a few pixels up
     (`accepts` says which: with circular padding the smallest stage grids must hold half a region).
 

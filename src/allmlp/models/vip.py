@@ -274,6 +274,54 @@ class StagedMLP(ModelInterface, nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class DenseStagedMLP(StagedMLP):
+    """A staged model that can also be a dense-prediction backbone (CycleMLP's `fork_feat`, which Wave-MLP and
+    Hire-MLP share): then a norm `norm{i}` follows each stage (i = its index in `network`, as in the authors'
+    detection and segmentation code), there is no final norm and no head, and `forward` returns the normalised
+    (B, C, H, W) map of each stage, `forward_intermediates(x, norm=True, intermediates_only=True)`."""
+
+    __constants__ = ["token_dims", "fork_feat"]  # TorchScript compiles only the branch the model takes
+    fork_feat = False
+
+    def _require_head(self, what: str) -> None:
+        if self.fork_feat:
+            raise ValueError(
+                f"{what}: this {type(self).__name__} was built with fork_feat=True (feature maps only, no head)"
+            )
+
+    def get_classifier(self) -> nn.Module:
+        self._require_head("get_classifier")
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if num_classes:
+            self._require_head("reset_classifier")
+        super().reset_classifier(num_classes, global_pool)
+
+    def _intermediate_norm(self, index: int) -> nn.Module | None:
+        """With fork_feat, each stage's own norm; else the final norm, which fits the last stage only."""
+        if self.fork_feat:
+            return getattr(self, f"norm{self._stage_positions()[index]}")
+        return super()._intermediate_norm(index)
+
+    def _truncate(self, last: int) -> None:
+        if self.fork_feat:
+            for position in self._stage_positions()[last + 1 :]:
+                delattr(self, f"norm{position}")
+        super()._truncate(last)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """(B, H, W, C) tokens after the final norm; with fork_feat, the normalised (B, C, H, W) map of each stage."""
+        if self.fork_feat:
+            return self.forward_intermediates(x, norm=True, intermediates_only=True)
+        return self._tokens(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if self.fork_feat:
+            return self.forward_intermediates(x, norm=True, intermediates_only=True)
+        return self.forward_head(self._tokens(x))
+
+
 class VisionPermutator(StagedMLP):
     """Vision Permutator with the authors' argument names; `forward_features` gives (B, H, W, C) normed tokens.
 

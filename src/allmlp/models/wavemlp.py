@@ -40,7 +40,15 @@ from torch import nn
 from .entries import IN1K, ModelEntry, hosted, imagenet_preprocessing
 from .interface import pretrained_cfg
 from .layers import DropPath, to_pair
-from .vip import Downsample, PatchEmbed, StagedMLP, branch_means, check_stage_lists, init_trunc_normal_, split_attention
+from .vip import (
+    DenseStagedMLP,
+    Downsample,
+    PatchEmbed,
+    branch_means,
+    check_stage_lists,
+    init_trunc_normal_,
+    split_attention,
+)
 
 NORM_LAYERS = ("batch", "group")
 MODES = ("fc", "depthwise")
@@ -222,57 +230,12 @@ class ConvDownsample(Downsample):
         return self.act(self.norm(self.proj(x.permute(0, 3, 1, 2)))).permute(0, 2, 3, 1).contiguous()
 
 
-class ConvStagedMLP(StagedMLP):
-    """What Wave-MLP and Hire-MLP share beyond ViP's scaffold: convolutional layers on channels-last tokens, and the
-    dense-prediction outputs (`fork_feat`: a norm `norm{i}` after each stage, i = its index in `network`, as in
-    CycleMLP)."""
-
-    __constants__ = ["token_dims", "fork_feat"]  # TorchScript compiles only the branch the model takes
-    fork_feat = False
-
-    def _require_head(self, what: str) -> None:
-        if self.fork_feat:
-            raise ValueError(f"{what}: this {type(self).__name__} was built with fork_feat=True (feature maps only)")
-
-    def get_classifier(self) -> nn.Module:
-        self._require_head("get_classifier")
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if num_classes:
-            self._require_head("reset_classifier")
-        super().reset_classifier(num_classes, global_pool)
-
-    def _intermediate_norm(self, index: int) -> nn.Module | None:
-        """With fork_feat, each stage's own norm; else the final norm, which fits the last stage only."""
-        if self.fork_feat:
-            return getattr(self, f"norm{self._stage_positions()[index]}")
-        return super()._intermediate_norm(index)
-
-    def _truncate(self, last: int) -> None:
-        if self.fork_feat:
-            for position in self._stage_positions()[last + 1 :]:
-                delattr(self, f"norm{position}")
-        super()._truncate(last)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """(B, H, W, C) tokens after the final norm; with fork_feat, the normalised (B, C, H, W) map of each stage."""
-        if self.fork_feat:
-            return self.forward_intermediates(x, norm=True, intermediates_only=True)
-        return self._tokens(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        if self.fork_feat:
-            return self.forward_intermediates(x, norm=True, intermediates_only=True)
-        return self.forward_head(self._tokens(x))
-
-
 def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
 
 
-class WaveMLP(ConvStagedMLP):
+class WaveMLP(DenseStagedMLP):
     """Wave-MLP with the authors' argument names (their class WaveNet); any input size of at least 3x3.
 
     `norm_layer` is 'batch' (BatchNorm2d: T-dw, T) or 'group' (GroupNorm with one group: S, M, B); `mode` 'fc' or
