@@ -27,8 +27,9 @@ from torch import nn
 
 from .entries import ModelEntry, Preprocessing, hosted, imagenet_preprocessing
 from .interface import pretrained_cfg
-from .layers import DropPath, lecun_normal_, to_pair
-from .resmlp import PatchEmbed, PatchTokenMLP, check_rate
+from .layers import DropPath, check_rate, lecun_normal_, to_pair
+from .mixer import PatchTokenMLP
+from .resmlp import PatchEmbed
 
 GMLP_PAPER = "Liu et al., Pay Attention to MLPs, NeurIPS 2021 (arXiv 2105.08050)"
 GMIXER_PAPER = "none: timm's Glu-Mixer (Ross Wightman), MLP-Mixer with SwiGLU MLPs (timm/models/mlp_mixer.py)"

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .interface import ModelInterface, check_global_pool, pretrained_cfg
-from .layers import DropPath, Mlp, lecun_normal_, linear_drop_path_rates, to_pair, zero_head
+from .layers import DropPath, Mlp, check_positive_ints, lecun_normal_, linear_drop_path_rates, to_pair, zero_head
 
 LAYER_NORM_EPS = 1e-6
 
@@ -65,12 +65,89 @@ class MixerBlock(nn.Module):
         return x + self.drop_path(self.mlp_channels(self.norm2(x)))
 
 
-class MlpMixer(ModelInterface, nn.Module):
-    """MLP-Mixer. `forward_features` gives the (B, S, C) tokens after the final LayerNorm; its intermediate
-    outputs (`forward_intermediates`, `features_only`) are the blocks'."""
+class PatchTokenMLP(ModelInterface, nn.Module):
+    """What the isotropic patch-token families (Mixer, ResMLP, gMLP, gMixer) share: a stem giving (B, S, C) tokens,
+    `blocks` (an nn.Sequential), a final norm, mean over tokens, head; the blocks are the intermediate outputs.
+
+    A subclass sets `stem_name` (its stem module's attribute), builds the modules, calls `_setup` and implements
+    `_embed` (`_check_input`, then the stem, called by name so TorchScript compiles it).
+    """
 
     token_format = "NLC"
     token_dims = (1,)
+    stem_name = "stem"
+
+    def _setup(
+        self,
+        family: str,
+        img_size: tuple[int, int],
+        patch_size: tuple[int, int],
+        in_chans: int,
+        num_classes: int,
+        embed_dim: int,
+        depth: int,
+        global_pool: str,
+        depth_name: str = "depth",
+    ) -> None:
+        """Checks and the interface attributes; call before building the modules (sets `grid_size`)."""
+        check_positive_ints(**{"in_chans": in_chans, "embed_dim": embed_dim, depth_name: depth})
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: no head), got {num_classes!r}")
+        if img_size[0] < patch_size[0] or img_size[1] < patch_size[1]:
+            raise ValueError(f"img_size {img_size} must be at least patch_size {patch_size} on each side")
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.grid_size = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.num_features = embed_dim
+        self.num_classes = num_classes
+        self.global_pool = check_global_pool(global_pool)
+        self.grad_checkpointing = False
+        shape = f"(B, {in_chans}, {img_size[0]}, {img_size[1]})"
+        self.accepts = (
+            family,
+            in_chans,
+            (img_size[0], img_size[0], img_size[1], img_size[1]),
+            f"{shape}: its token-mixing layers are built for a {self.grid_size[0]}x{self.grid_size[1]} patch grid; "
+            f"build the model with img_size/in_chans to match",
+        )
+        self.feature_info = [
+            dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=max(patch_size)) for i in range(depth)
+        ]
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=rf"^{self.stem_name}", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def _feature_stages(self) -> list[list[nn.Module]]:
+        return [[block] for block in self.blocks]
+
+    def _to_format(self, x: torch.Tensor, output_fmt: str) -> torch.Tensor:
+        if output_fmt == "NLC":
+            return x
+        return x.reshape(x.shape[0], self.grid_size[0], self.grid_size[1], x.shape[-1]).permute(0, 3, 1, 2).contiguous()
+
+    def _intermediate_norm(self, index: int) -> nn.Module:
+        return self.norm
+
+    def _truncate(self, last: int) -> None:
+        self.blocks = self.blocks[: last + 1]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, C) tokens after the final norm."""
+        x = self._embed(x)
+        # `_checkpointing()` spelled out: TorchScript drops the branch only where it sees is_scripting() itself
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            x = self._run_checkpointed(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class MlpMixer(PatchTokenMLP):
+    """MLP-Mixer. `forward_features` gives the (B, S, C) tokens after the final LayerNorm; its intermediate
+    outputs (`forward_intermediates`, `features_only`) are the blocks'."""
 
     def __init__(
         self,
@@ -91,15 +168,13 @@ class MlpMixer(ModelInterface, nn.Module):
         img_size, patch_size = to_pair(img_size, "img_size"), to_pair(patch_size, "patch_size")
         if img_size[0] % patch_size[0] or img_size[1] % patch_size[1]:
             raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
-        for name, value in (
-            ("in_chans", in_chans),
-            ("hidden_dim", hidden_dim),
-            ("num_blocks", num_blocks),
-            ("tokens_mlp_dim", tokens_mlp_dim),
-            ("channels_mlp_dim", channels_mlp_dim),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(
+            in_chans=in_chans,
+            hidden_dim=hidden_dim,
+            num_blocks=num_blocks,
+            tokens_mlp_dim=tokens_mlp_dim,
+            channels_mlp_dim=channels_mlp_dim,
+        )
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0 (0: no head), got {num_classes!r}")
         if not 0.0 <= drop_rate < 1.0:
@@ -172,39 +247,9 @@ class MlpMixer(ModelInterface, nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^stem", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
-
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         return self.stem(x)
-
-    def _feature_stages(self) -> list[list[nn.Module]]:
-        return [[block] for block in self.blocks]
-
-    def _to_format(self, x: torch.Tensor, output_fmt: str) -> torch.Tensor:
-        if output_fmt == "NLC":
-            return x
-        return x.reshape(x.shape[0], *self.grid_size, x.shape[-1]).permute(0, 3, 1, 2).contiguous()
-
-    def _intermediate_norm(self, index: int) -> nn.Module:
-        return self.norm
-
-    def _truncate(self, last: int) -> None:
-        self.blocks = self.blocks[: last + 1]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, S, C) tokens after the final LayerNorm."""
-        x = self._embed(x)
-        # `_checkpointing()` spelled out: TorchScript drops the branch only where it sees is_scripting() itself
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            x = self._run_checkpointed(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def config_from_state_dict(state_dict: dict[str, torch.Tensor], gelu: str) -> dict:

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from .entries import IN1K, ModelEntry, hosted, imagenet_preprocessing
-from .interface import ModelInterface, check_global_pool, pretrained_cfg
-from .layers import DropPath, Mlp, to_pair
+from .interface import pretrained_cfg
+from .layers import DropPath, Mlp, check_rate, to_pair
+from .mixer import PatchTokenMLP
 from .vip import init_trunc_normal_
 
 PAPER = (
@@ -84,97 +85,6 @@ class ResMLPBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x).transpose(1, 2)).transpose(1, 2))
         return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
-
-
-def check_positive_ints(**values: object) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def check_rate(name: str, value: object) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-
-
-class PatchTokenMLP(ModelInterface, nn.Module):
-    """What the isotropic patch-token families (ResMLP, gMLP, gMixer) share: a stem giving (B, S, C) tokens,
-    `blocks` (an nn.Sequential), a final norm, mean over tokens, head; the blocks are the intermediate outputs.
-
-    A subclass sets `stem_name` (its stem module's attribute), builds the modules, calls `_setup` and implements
-    `_embed` (`_check_input`, then the stem, called by name so TorchScript compiles it).
-    """
-
-    token_format = "NLC"
-    token_dims = (1,)
-    stem_name = "stem"
-
-    def _setup(
-        self,
-        family: str,
-        img_size: tuple[int, int],
-        patch_size: tuple[int, int],
-        in_chans: int,
-        num_classes: int,
-        embed_dim: int,
-        depth: int,
-        global_pool: str,
-        depth_name: str = "depth",
-    ) -> None:
-        """Checks and the interface attributes; call before building the modules (sets `grid_size`)."""
-        check_positive_ints(**{"in_chans": in_chans, "embed_dim": embed_dim, depth_name: depth})
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0 (0: no head), got {num_classes!r}")
-        if img_size[0] < patch_size[0] or img_size[1] < patch_size[1]:
-            raise ValueError(f"img_size {img_size} must be at least patch_size {patch_size} on each side")
-        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
-        self.grid_size = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.num_features = embed_dim
-        self.num_classes = num_classes
-        self.global_pool = check_global_pool(global_pool)
-        self.grad_checkpointing = False
-        shape = f"(B, {in_chans}, {img_size[0]}, {img_size[1]})"
-        self.accepts = (
-            family,
-            in_chans,
-            (img_size[0], img_size[0], img_size[1], img_size[1]),
-            f"{shape}: its token-mixing layers are built for a {self.grid_size[0]}x{self.grid_size[1]} patch grid; "
-            f"build the model with img_size/in_chans to match",
-        )
-        self.feature_info = [
-            dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=max(patch_size)) for i in range(depth)
-        ]
-
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=rf"^{self.stem_name}", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
-
-    def _feature_stages(self) -> list[list[nn.Module]]:
-        return [[block] for block in self.blocks]
-
-    def _to_format(self, x: torch.Tensor, output_fmt: str) -> torch.Tensor:
-        if output_fmt == "NLC":
-            return x
-        return x.reshape(x.shape[0], self.grid_size[0], self.grid_size[1], x.shape[-1]).permute(0, 3, 1, 2).contiguous()
-
-    def _intermediate_norm(self, index: int) -> nn.Module:
-        return self.norm
-
-    def _truncate(self, last: int) -> None:
-        self.blocks = self.blocks[: last + 1]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, S, C) tokens after the final norm."""
-        x = self._embed(x)
-        # `_checkpointing()` spelled out: TorchScript drops the branch only where it sees is_scripting() itself
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            x = self._run_checkpointed(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 class ResMLP(PatchTokenMLP):
