@@ -66,11 +66,16 @@ def peer_for(name: str, model: nn.Module, constructors: dict) -> tuple[str, nn.M
 
 
 def default_models() -> list[str]:
-    """The first registered name of every family without a benchmark of its own."""
-    first = {}
-    for name in sorted(REGISTRY):
-        first.setdefault(REGISTRY[name].architecture.__name__, name)
-    return [name for architecture, name in sorted(first.items()) if architecture not in OWN_BENCHMARK]
+    """The smallest registered model (by parameters) of every family without a benchmark of its own."""
+    smallest: dict[str, tuple[int, str]] = {}
+    for name, entry in sorted(REGISTRY.items()):
+        architecture = entry.architecture.__name__
+        if architecture in OWN_BENCHMARK:
+            continue
+        with torch.device("meta"):
+            count = sum(p.numel() for p in allmlp.create_model(name).parameters())
+        smallest[architecture] = min(smallest.get(architecture, (count, name)), (count, name))
+    return [name for _, name in sorted(smallest.values(), key=lambda pair: pair[1])]
 
 
 def flops_per_image(model: nn.Module, shape: tuple[int, ...]) -> int:

@@ -181,3 +181,26 @@ def test_bench_times_the_optimized_module_as_its_own_row(tmp_path, capsys):
     assert main(["bench", *QUICK, "--dtypes", "fp32", "--optimize", "off", "on", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "results.csv") as f:
         assert [r["impl"] for r in csv.DictReader(f)] == ["allmlp", "allmlp optimized"]
+
+
+def test_families_benchmark_covers_every_family_and_checks_the_authors_formulation():
+    """benchmarks/bench_families.py has an authors' formulation (tests/reference) for every family it times by
+    default, and runs end to end: logits agree, one row per implementation and dtype, with ratio and GEMM share."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from bench_families import OWN_BENCHMARK, authors_constructors, default_models
+
+    families = {entry.architecture.__name__ for entry in allmlp.models.REGISTRY.values()} - OWN_BENCHMARK
+    assert families <= set(authors_constructors())
+    assert {allmlp.get_entry(name).architecture.__name__ for name in default_models()} == families
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_families.py"
+    command = [sys.executable, str(script), "--models", "spach_ms_mlp_xxs", "--threads", "1", "--batch", "1",
+               "--rounds", "1"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert re.search(r"spach_ms_mlp_xxs: logits agree with the authors formulation to \S+", result.stderr)
+    rows = re.findall(
+        r"^\| spach_ms_mlp_xxs \| (\w+) \| (\w+) \| [\d.]+ \| ([\d.]+x)? \| \d+% \|$", result.stdout, re.M
+    )
+    assert {(dtype, impl) for dtype, impl, _ in rows} == {
+        (d, i) for d in ("float32", "bfloat16") for i in ("authors", "allmlp")
+    }
+    assert all(ratio for dtype, impl, ratio in rows if impl == "allmlp")
