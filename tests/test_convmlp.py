@@ -52,7 +52,7 @@ def pair(config: dict, seed: int = 0, **overrides) -> tuple[allmlp.ConvMLP, nn.M
     """(allmlp's model, the authors' formulation) with the same random weights, loaded strictly both ways."""
     config = {**config, "num_classes": 10, "drop_path_rate": 0.0, **overrides}
     model = randomise_all(allmlp.ConvMLP(**config), seed)
-    reference = AUTHORS["ConvMLP"](model.config)
+    reference = AUTHORS["ConvMLP"](**model.config)
     reference.load_state_dict(model.state_dict(), strict=True)
     return model.eval(), reference.eval()
 
@@ -105,7 +105,7 @@ def test_features_and_global_pool_equal_the_authors_tokens():
     x = image((41, 29))
     with torch.no_grad():
         features = model.forward_features(x)
-        backbone = AUTHORS["ConvMLP"]({**model.config, "classifier_head": False})
+        backbone = AUTHORS["ConvMLP"](**{**model.config, "classifier_head": False})
         backbone.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(("norm", "head"))})
         torch.testing.assert_close(
             features, model.norm(ReferenceConvMLP.forward(backbone.eval(), x)), atol=1e-5, rtol=1e-5
@@ -135,7 +135,7 @@ def test_stochastic_depth_rates_rise_within_each_stage():
     model = allmlp.ConvMLP(**SMALL)  # the authors' default: 0.1
     rates = [[block.drop_path.rate for block in stage.blocks] for stage in model.stages]
     assert rates == [[0.0], [0.0, 0.1], [0.0]]
-    reference = AUTHORS["ConvMLP"](model.config)
+    reference = AUTHORS["ConvMLP"](**model.config)
     theirs = [[getattr(b.drop_path, "drop_prob", 0.0) for b in stage.blocks] for stage in reference.stages]
     assert np.allclose(rates[1], theirs[1]) and theirs[0] == theirs[2] == [0.0]
 
@@ -232,7 +232,7 @@ def test_released_file_loads_by_every_route(tmp_path):
     state = released_state_dict("s")
     path = tmp_path / "convmlp_s_imagenet.pth"
     torch.save(state, path)
-    reference = AUTHORS["ConvMLP"](dict(allmlp.get_entry("convmlp_s").config))
+    reference = AUTHORS["ConvMLP"](**allmlp.get_entry("convmlp_s").config)
     reference.load_state_dict(state, strict=True)
     reference.eval()
     x = image((64, 48), batch=1)

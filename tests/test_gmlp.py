@@ -41,7 +41,7 @@ def pair(architecture: str, **overrides):
     """(allmlp model, timm's) with the same random weights, timm's loaded strictly into ours."""
     config = {**SMALL[architecture], **overrides}
     torch.manual_seed(0)
-    theirs = randomise(AUTHORS[architecture](config), seed=7).eval()
+    theirs = randomise(AUTHORS[architecture](**config), seed=7).eval()
     ours = CLASSES[architecture](**config).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     return ours, theirs

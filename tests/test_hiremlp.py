@@ -49,7 +49,7 @@ def pair(seed: int = 0, **config) -> tuple[allmlp.HireMLP, nn.Module]:
     """(allmlp's model, the authors' formulation) with the same random weights and BatchNorm statistics."""
     torch.manual_seed(seed)
     ours = randomise_batchnorm_stats(randomise(allmlp.HireMLP(**{**SMALL, "num_classes": 10, **config}), seed), seed)
-    reference = AUTHORS["HireMLP"](ours.config)
+    reference = AUTHORS["HireMLP"](**ours.config)
     reference.load_state_dict(ours.state_dict(), strict=True)
     return ours, reference
 
@@ -166,7 +166,7 @@ def check_released_checkpoint_loads(variant: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     with torch.device("meta"):
         shapes = allmlp.create_model(f"hiremlp_{variant}")
-    reference = randomise_batchnorm_stats(AUTHORS["HireMLP"](shapes.config), seed=1).eval()
+    reference = randomise_batchnorm_stats(AUTHORS["HireMLP"](**shapes.config), seed=1).eval()
     path = tmp_path / f"hire_mlp_{variant}.pth"
     training_checkpoint(reference, path, with_args=True)
     x = torch.randn(1, 3, 67, 59)

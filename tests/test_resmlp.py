@@ -56,7 +56,7 @@ def pair(**overrides):
     config = {**SMALL, **overrides}
     torch.manual_seed(0)
     ours = randomise(allmlp.ResMLP(**config), seed=3).eval()
-    reference = AUTHORS["ResMLP"](config).eval()
+    reference = AUTHORS["ResMLP"](**config).eval()
     reference.load_state_dict(ours.state_dict(), strict=True)
     return ours, reference
 
@@ -173,7 +173,7 @@ def test_fb_released_layout_loads_every_way_and_computes_what_the_authors_comput
     state_dict = fb_state_dict("resmlp_12_224")
     path = tmp_path / "resmlp_12_no_dist.pth"
     torch.save(state_dict, path)
-    reference = AUTHORS["ResMLP"](dict(allmlp.get_entry("resmlp_12_224").config)).eval()
+    reference = AUTHORS["ResMLP"](**allmlp.get_entry("resmlp_12_224").config).eval()
     reference.load_state_dict(state_dict, strict=True)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -49,7 +49,7 @@ def pair(seed: int = 0, **config) -> tuple[allmlp.WaveMLP, nn.Module]:
     """(allmlp's model, the authors' formulation) with the same random weights and BatchNorm statistics."""
     torch.manual_seed(seed)
     ours = randomise_batchnorm_stats(randomise(allmlp.WaveMLP(**{**SMALL, "num_classes": 10, **config}), seed), seed)
-    reference = AUTHORS["WaveMLP"](ours.config)
+    reference = AUTHORS["WaveMLP"](**ours.config)
     reference.load_state_dict(ours.state_dict(), strict=True)
     return ours, reference
 
@@ -202,7 +202,7 @@ def check_released_file_loads(variant: str, tmp_path: Path) -> None:
         shapes = allmlp.create_model(f"wavemlp_{variant}")
     # PyTorch's default init (random weights on this deep a network make the phases chaotic: cos and sin of
     # phases in the hundreds turn float32 rounding into visible differences), random BatchNorm statistics
-    reference = randomise_batchnorm_stats(AUTHORS["WaveMLP"](shapes.config), seed=1).eval()
+    reference = randomise_batchnorm_stats(AUTHORS["WaveMLP"](**shapes.config), seed=1).eval()
     path = tmp_path / f"WaveMLP_{KEY_FILES[variant]}.pth.tar"
     released_file(reference, path)
     x = torch.randn(1, 3, 67, 59)

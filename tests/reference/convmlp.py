@@ -191,7 +191,7 @@ class DenseReferenceConvMLP(ReferenceConvMLP):
         return list(self.dense_forward(x))
 
 
-def build_authors_convmlp(config: dict) -> nn.Module:
+def build_authors_convmlp(**config) -> nn.Module:
     """The authors' formulation for an allmlp ConvMLP config (allmlp's extra arguments: in_chans is the tokenizer's
     input, drop_path_rate their stochastic_depth_rate; img_size, drop_rate (must be 0) and global_pool ignored)."""
     if config.get("drop_rate", 0.0) != 0.0:

@@ -22,7 +22,7 @@ def _common(config: dict) -> dict:
     )
 
 
-def timm_gmlp(config: dict) -> nn.Module:
+def timm_gmlp(**config) -> nn.Module:
     from timm.layers import GatedMlp
     from timm.models.mlp_mixer import MlpMixer, SpatialGatingBlock
 
@@ -31,7 +31,7 @@ def timm_gmlp(config: dict) -> nn.Module:
     )
 
 
-def timm_gmixer(config: dict) -> nn.Module:
+def timm_gmixer(**config) -> nn.Module:
     from timm.layers import GluMlp
     from timm.models.mlp_mixer import MlpMixer
 

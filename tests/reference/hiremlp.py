@@ -155,4 +155,4 @@ class HireMLPNet(nn.Module):
         return self.head(x.flatten(2).mean(2))
 
 
-AUTHORS = {"HireMLP": lambda config: HireMLPNet(**config)}
+AUTHORS = {"HireMLP": HireMLPNet}

@@ -102,4 +102,4 @@ class ResMLPModels(nn.Module):
         return self.head(self.forward_features(x))
 
 
-AUTHORS = {"ResMLP": lambda config: ResMLPModels(**config)}
+AUTHORS = {"ResMLP": ResMLPModels}

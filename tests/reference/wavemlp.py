@@ -156,4 +156,4 @@ class WaveNet(nn.Module):
         return self.head(F.adaptive_avg_pool2d(x, output_size=1).flatten(1))
 
 
-AUTHORS = {"WaveMLP": lambda config: WaveNet(**config)}
+AUTHORS = {"WaveMLP": WaveNet}
