@@ -101,6 +101,8 @@ def gemm_seconds(dtype: torch.dtype, size: int = 2048) -> float:
 def bench_model(name: str, args: argparse.Namespace, constructors: dict) -> list[dict]:
     torch.manual_seed(0)
     model = allmlp.create_model(name).eval()
+    with torch.no_grad():  # a zero-initialised head would make every logit 0 and hide any difference
+        model.get_classifier().weight.normal_(0, 0.02)
     for module in model.modules():  # random BatchNorm statistics: an untouched BN would hide a wrong layout
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.running_mean.uniform_(-0.5, 0.5)
