@@ -355,8 +355,6 @@ NOT_SCRIPTABLE: dict[str, str] = {
     "wavemlp_fork": "fork_feat's forward is forward_intermediates(norm=True), as CycleMLP's",
     "cyclemlp_fork": "fork_feat's forward is forward_intermediates(norm=True), which TorchScript cannot compile "
     "(f-string errors, int-or-list indices)",
-    "convmlp_backbone": "classifier_head=False's forward is forward_intermediates, which TorchScript cannot compile "
-    "(f-string errors, int-or-list indices)",
     "repmlpnet": "its layers subclass Conv2d and Sequential (channels-last views around the authors' modules) and call "
     "super().forward, which TorchScript cannot compile; torch.export and ONNX cover deployment",
 }

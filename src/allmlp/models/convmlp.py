@@ -17,10 +17,11 @@ Layout (for speed, same values): activations stay channels-last. The image is pu
 so every convolution reads and writes (B, H, W, C) memory (`x.permute(0, 3, 1, 2)` is a view) and the LayerNorms
 and Linears work on contiguous channels-last tokens without the copies the authors' NCHW <-> NHWC permutes cost.
 
-`classifier_head=False` is the authors' dense backbone (their detection / segmentation `DetConvMLP`, `SegConvMLP`):
-no final norm and no head; `forward` returns their four NCHW maps (tokenizer, convolutional stage, first and last
-MLP stage, at strides 4, 8, 16, 32), which is `forward_intermediates(x, intermediates_only=True)`, and
-`forward_features` the last stage's (B, H, W, C) tokens (the authors' `ConvMLP(classifier_head=False)` output).
+`classifier_head=False` is the authors' backbone: no final norm and no head; `forward` and `forward_features`
+return the last stage's (B, H, W, C) tokens, as the authors' `ConvMLP(classifier_head=False)` does. The four NCHW
+maps their detection / segmentation backbones (`DetConvMLP`, `SegConvMLP`) take (tokenizer, convolutional stage,
+first and last MLP stage, at strides 4, 8, 16, 32) are `forward_intermediates(x, intermediates_only=True)`, or
+`create_model(..., features_only=True)`.
 """
 
 from __future__ import annotations
@@ -383,9 +384,10 @@ class ConvMLP(ModelInterface, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self._tokens(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits; with classifier_head=False the last stage's (B, H, W, C) tokens, as the authors' class gives."""
         if not self.classifier_head:
-            return self.forward_intermediates(x, intermediates_only=True)
+            return self._tokens(x)
         return self.forward_head(self._tokens(x))
 
 
