@@ -39,12 +39,13 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def published_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a published checkpoint, from its key list (tab-separated key, shape, dtype[, kind])."""
+    """Key -> shape of a published checkpoint or an authors' model, from its key list: one entry per line, the key
+    then its shape in brackets (`key [d0,d1]`, or tab-separated key, shape, dtype[, kind]); `#` lines are comments."""
     shapes = {}
     for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            key, shape, *_ = line.split("\t")
-            shapes[key] = tuple(int(d) for d in re.findall(r"\d+", shape))
+        if line.strip() and not line.startswith("#"):
+            key, rest = line.split(None, 1)
+            shapes[key] = tuple(int(d) for d in re.findall(r"\d+", re.search(r"[\[(][^\])]*", rest).group()))
     return shapes
 
 
@@ -257,16 +258,6 @@ def tiny_spach(**overrides) -> nn.Module:
         channel_ratio=2.0,
     )  # fmt: skip
     return allmlp.Spach(**{**config, **overrides})
-
-
-def listed_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape from a key list of the shared reference (`key [d1,d2,...]` per line)."""
-    shapes = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            key, shape = line.split()
-            shapes[key] = tuple(int(d) for d in re.findall(r"\d+", shape))
-    return shapes
 
 
 def randomise_batchnorm_stats(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -2,7 +2,6 @@
 formulation (tests/reference/activemlp.py), their released checkpoints, sizes, bf16 and export."""
 
 import argparse
-import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import allmlp
 from allmlp.models.activemlp import CONFIGS, ATMOp, sample_along
 from allmlp.tools.convert import convert
 
-from helpers import onnx_outputs, randomise
+from helpers import onnx_outputs, published_shapes, randomise
 from reference.activemlp import AuthorsActiveMLP
 
 KEYS = Path(__file__).parent / "data" / "keys"
@@ -41,14 +40,9 @@ SMALL_CONFIGS = {
 }
 
 
-def published_shapes(variant: str) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the authors' model, from its key list (tab-separated key, shape, dtype)."""
-    shapes = {}
-    for line in (KEYS / f"activemlp_{KEY_FILES[variant]}_keys.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, shape = line.split("\t")[:2]
-            shapes[key] = tuple(int(d) for d in re.findall(r"\d+", shape))
-    return shapes
+def key_shapes(variant: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the authors' model, from its key list."""
+    return published_shapes(KEYS / f"activemlp_{KEY_FILES[variant]}_keys.txt")
 
 
 def wide_offsets(model: nn.Module, scale: float = 20.0) -> nn.Module:
@@ -214,7 +208,7 @@ def test_parameter_counts_and_keys_equal_the_authors_models(name):
         model = allmlp.create_model(name)
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS[name]
     own = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    assert own == published_shapes(name.removeprefix("activemlp_"))
+    assert own == key_shapes(name.removeprefix("activemlp_"))
     assert not list(model.buffers())  # no derived state: the authors' models have no buffers either
 
 
@@ -223,7 +217,7 @@ def released_checkpoint(variant: str, path: Path) -> tuple[dict, dict]:
     random values under every published key), optimizer, scheduler, scaler, acc_max, epoch and the argparse
     Namespace of their command line. Returns (model, model_ema) state dicts."""
     generator = torch.Generator().manual_seed(7)
-    shapes = published_shapes(variant)
+    shapes = key_shapes(variant)
     trained = {key: torch.randn(shape, generator=generator) * 0.05 for key, shape in shapes.items()}
     averaged = {key: torch.randn(shape, generator=generator) * 0.05 for key, shape in shapes.items()}
     args = argparse.Namespace(model="ActivexTiny", drop_path_rate=0.1, lr=1e-3, model_ema=True, input_size=224)

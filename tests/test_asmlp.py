@@ -1,6 +1,5 @@
 """AS-MLP as the authors compute it: the cupy-free axial shift, parity with their forward, their checkpoints, export."""
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import allmlp
 from allmlp.models.asmlp import axial_shift
 from allmlp.tools.convert import convert
 
-from helpers import fake_yacs_module, onnx_outputs, randomise
+from helpers import fake_yacs_module, onnx_outputs, published_shapes, randomise
 from reference.asmlp import AUTHORS, kernel_shift, torch_shift
 
 KEYS = Path(__file__).parent / "data" / "keys"
@@ -30,12 +29,8 @@ def one_thread():
 
 
 def key_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for line in (KEYS / KEY_FILES[name]).read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, shape, _ = line.split("\t")
-            shapes[key] = tuple(int(d) for d in re.findall(r"\d+", shape))
-    return shapes
+    """Key -> shape of the authors' model, from its key list."""
+    return published_shapes(KEYS / KEY_FILES[name])
 
 
 def pair(seed: int = 0, **config):

@@ -12,7 +12,7 @@ from torch import nn
 import allmlp
 from allmlp.tools.convert import convert
 
-from helpers import onnx_outputs, randomise
+from helpers import onnx_outputs, published_shapes, randomise
 from reference.convmlp import AUTHORS, ReferenceConvMLP
 
 KEYS = Path(__file__).parent / "data" / "keys"
@@ -62,12 +62,8 @@ def image(size: tuple[int, int], batch: int = 2, seed: int = 1, scale: float = 1
 
 
 def key_shapes(variant: str) -> dict[str, tuple[int, ...]]:
-    """Key -> shape from the authors' key list (lines `key [d0,d1,...]`)."""
-    shapes = {}
-    for line in (KEYS / f"convmlp_{variant}_keys.txt").read_text().splitlines():
-        key, shape = line.split(" ", 1)
-        shapes[key] = tuple(int(d) for d in re.findall(r"\d+", shape))
-    return shapes
+    """Key -> shape of the authors' model, from its key list."""
+    return published_shapes(KEYS / f"convmlp_{variant}_keys.txt")
 
 
 def released_state_dict(variant: str, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import allmlp
 from allmlp.models.hiremlp import smallest_input_side, stage_grid_sides
 from allmlp.tools.convert import convert
 
-from helpers import listed_shapes, onnx_outputs, randomise, randomise_batchnorm_stats
+from helpers import onnx_outputs, published_shapes, randomise, randomise_batchnorm_stats
 from reference.hiremlp import AUTHORS
 
 KEYS = Path(__file__).parent / "data" / "keys"
@@ -129,7 +129,7 @@ def test_parameter_counts_and_keys_match_the_authors_models(name):
     with torch.device("meta"):
         model = allmlp.create_model(name)
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS[name]
-    expected = listed_shapes(KEYS / f"hiremlp_hire_mlp_{name.removeprefix('hiremlp_')}_keys.txt")
+    expected = published_shapes(KEYS / f"hiremlp_hire_mlp_{name.removeprefix('hiremlp_')}_keys.txt")
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
 
 

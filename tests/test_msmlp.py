@@ -1,7 +1,6 @@
 """MS-MLP as the authors compute it: parity with their forward (tests/reference/msmlp.py), their released
 configurations and checkpoints, export, errors."""
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import allmlp
 from allmlp.models.msmlp import CONFIGS, ENTRIES, chunk_sizes
 from allmlp.tools.convert import convert
 
-from helpers import fake_yacs_module, onnx_outputs, randomise
+from helpers import fake_yacs_module, onnx_outputs, published_shapes, randomise
 from reference.msmlp import AUTHORS, AuthorsMSMLP
 
 KEYS = Path(__file__).parent / "data" / "keys"
@@ -42,13 +41,8 @@ def one_thread():
 
 
 def key_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the authors' model, from its key list (tab-separated key, shape, dtype)."""
-    shapes = {}
-    for line in (KEYS / KEY_FILES[name]).read_text().splitlines():
-        if not line.startswith("#"):
-            key, shape, _ = line.split("\t")
-            shapes[key] = tuple(int(d) for d in re.findall(r"\d+", shape))
-    return shapes
+    """Key -> shape of the authors' model, from its key list."""
+    return published_shapes(KEYS / KEY_FILES[name])
 
 
 def pair_of_models(config: dict, seed: int = 0) -> tuple[allmlp.MSMLP, nn.Module]:

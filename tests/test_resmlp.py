@@ -1,7 +1,6 @@
 """ResMLP against the authors' forward (tests/reference/resmlp.py) and timm's, FB's and timm's released layouts,
 registry, export and errors."""
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from allmlp.models.resmlp import CONFIGS, ResMLPBlock
 from allmlp.tools.convert import convert
 from allmlp.weights.timm_families import convert_timm_resmlp, is_timm_resmlp
 
-from helpers import onnx_outputs, randomise
+from helpers import onnx_outputs, published_shapes, randomise
 from reference.resmlp import AUTHORS
 
 KEYS = Path(__file__).parent / "data" / "keys"
@@ -43,12 +42,8 @@ def one_thread():
 
 
 def key_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    """Key -> shape from a key list of the authors' model ("key [d0,d1,...]" per line)."""
-    shapes = {}
-    for line in (KEYS / KEY_FILES[name]).read_text().splitlines():
-        key, shape = line.split()
-        shapes[key] = tuple(int(d) for d in re.findall(r"\d+", shape))
-    return shapes
+    """Key -> shape of the authors' model, from its key list."""
+    return published_shapes(KEYS / KEY_FILES[name])
 
 
 def pair(**overrides):

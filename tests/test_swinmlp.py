@@ -1,7 +1,6 @@
 """Swin-MLP as the authors compute it: zero-padded shifted windows, clamped windows, grouped Conv1d heads, their
 checkpoints, export."""
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 import allmlp
 from allmlp.tools.convert import convert
 
-from helpers import onnx_outputs, randomise
+from helpers import onnx_outputs, published_shapes, randomise
 from reference.swinmlp import AUTHORS
 
 KEYS = Path(__file__).parent / "data" / "keys"
@@ -49,11 +48,8 @@ def one_thread():
 
 
 def key_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for line in (KEYS / KEY_FILES[name]).read_text().splitlines():
-        key, shape = line.split()
-        shapes[key] = tuple(int(d) for d in re.findall(r"\d+", shape))
-    return shapes
+    """Key -> shape of the authors' model, from its key list."""
+    return published_shapes(KEYS / KEY_FILES[name])
 
 
 def pair(seed: int = 0, **config):

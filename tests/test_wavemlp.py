@@ -13,7 +13,7 @@ import allmlp
 from allmlp.tools.convert import convert
 from allmlp.weights.wavemlp import drop_thop_counters, has_thop_counters
 
-from helpers import listed_shapes, onnx_outputs, randomise, randomise_batchnorm_stats
+from helpers import onnx_outputs, published_shapes, randomise, randomise_batchnorm_stats
 from reference.wavemlp import AUTHORS
 
 KEYS = Path(__file__).parent / "data" / "keys"
@@ -125,7 +125,7 @@ def test_parameter_counts_and_keys_match_the_authors_models(name):
     with torch.device("meta"):
         model = allmlp.create_model(name)
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS[name]
-    expected = listed_shapes(KEYS / f"wavemlp_WaveMLP_{KEY_FILES[name.removeprefix('wavemlp_')]}_keys.txt")
+    expected = published_shapes(KEYS / f"wavemlp_WaveMLP_{KEY_FILES[name.removeprefix('wavemlp_')]}_keys.txt")
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
 
 
@@ -133,7 +133,7 @@ def test_parameter_counts_and_keys_match_the_authors_models(name):
 def test_released_layout_is_the_weights_plus_thop_counters_on_every_module(variant):
     """The released files' keys: the model's, plus a total_ops / total_params pair for every module thop visited
     (each module of the model, the model itself included), each of shape (1,)."""
-    released = listed_shapes(KEYS / f"wavemlp_WaveMLP_{KEY_FILES[variant]}_released_layout_keys.txt")
+    released = published_shapes(KEYS / f"wavemlp_WaveMLP_{KEY_FILES[variant]}_released_layout_keys.txt")
     with torch.device("meta"):
         model = allmlp.create_model(f"wavemlp_{variant}")
     weights = {k: tuple(v.shape) for k, v in model.state_dict().items()}
