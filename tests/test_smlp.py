@@ -12,7 +12,7 @@ import allmlp
 from allmlp.models.smlp import SMLPNet, SparseMLP
 from allmlp.tools.convert import convert
 
-from helpers import onnx_outputs, randomise
+from helpers import onnx_outputs, published_shapes, randomise, randomise_batchnorm_stats
 from reference.smlp import authors_smlpnet
 
 KEYS = Path(__file__).parent / "data" / "keys"
@@ -33,24 +33,13 @@ def one_thread():
 
 
 def key_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the authors' state dict, from a key file ("key [d0,d1,...]" per line)."""
-    shapes = {}
-    for line in (KEYS / name).read_text().splitlines():
-        key, shape = line.split()
-        shapes[key] = tuple(int(d) for d in shape.strip("[]").split(",") if d)
-    return shapes
+    """Key -> shape of the authors' state dict, from its key list."""
+    return published_shapes(KEYS / name)
 
 
 def randomise_all(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights everywhere, BatchNorm running statistics too (mean around 0, variance around 1)."""
-    randomise(model, seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.3)
-                module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=generator))
-    return model
+    """Random weights everywhere, BatchNorm running statistics too."""
+    return randomise_batchnorm_stats(randomise(model, seed), seed + 1)
 
 
 def pair(**overrides) -> tuple[SMLPNet, nn.Module]:

@@ -13,7 +13,7 @@ import allmlp
 from allmlp.models.spach import Spach, SpachMS
 from allmlp.tools.convert import convert
 
-from helpers import onnx_outputs, randomise
+from helpers import onnx_outputs, published_shapes, randomise, randomise_batchnorm_stats
 from reference.spach import AUTHORS
 
 KEYS = Path(__file__).parent / "data" / "keys"
@@ -56,11 +56,8 @@ def one_thread():
 
 
 def key_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for line in (KEYS / name).read_text().splitlines():
-        key, shape = line.split()
-        shapes[key] = tuple(int(d) for d in shape.strip("[]").split(",") if d)
-    return shapes
+    """Key -> shape of the authors' state dict, from its key list."""
+    return published_shapes(KEYS / name)
 
 
 def randomise_all(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -71,11 +68,7 @@ def randomise_all(model: nn.Module, seed: int = 0) -> nn.Module:
         for name, p in model.named_parameters():
             if name.endswith("gamma_1"):
                 p.copy_(0.5 + torch.rand(p.shape, generator=generator))
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.3)
-                module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=generator))
-    return model
+    return randomise_batchnorm_stats(model, seed + 2)
 
 
 def pair(cls: type, config: dict, seed: int = 0) -> tuple[nn.Module, nn.Module]:
