@@ -75,6 +75,31 @@ def fake_yacs_module(monkeypatch):
     return CfgNode
 
 
+def assert_checkpointing_changes_nothing(
+    model: nn.Module, x: torch.Tensor, atol: float = 0.0, rtol: float = 0.0, buffers: bool = False
+) -> None:
+    """A training step of `model` (in train mode) gives the same outputs and gradients (and with `buffers`, the same
+    BatchNorm statistics) with grad checkpointing as without: stochastic depth replays its draws."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    runs = []
+    for checkpointing in (False, True):
+        model.load_state_dict(state)
+        model.zero_grad()
+        model.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(1)
+        out = model(x)
+        out.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        runs.append((out.detach(), grads, {n: b.clone() for n, b in model.named_buffers()}))
+    (expected_out, expected, expected_buffers), (out, grads, got_buffers) = runs
+    torch.testing.assert_close(out, expected_out, atol=0, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], atol=atol, rtol=rtol, msg=name)
+    if buffers:
+        for name, buffer in got_buffers.items():
+            torch.testing.assert_close(buffer, expected_buffers[name], atol=0, rtol=0, msg=name)
+
+
 # Tiny models of every family, for tests of behaviour (the contract, optimisers, ...).
 
 
