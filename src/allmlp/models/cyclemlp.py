@@ -27,6 +27,7 @@ from .vip import (
     Reweight,
     branch_means,
     check_stage_lists,
+    check_widths_change_at_transitions,
     init_trunc_normal_,
     split_attention,
 )
@@ -155,12 +156,7 @@ class CycleMLP(DenseStagedMLP):
     ):
         super().__init__()
         check_stage_lists(layers, embed_dims=embed_dims, transitions=transitions, mlp_ratios=mlp_ratios)
-        for i in range(len(layers) - 1):
-            if not transitions[i] and embed_dims[i] != embed_dims[i + 1]:
-                raise ValueError(
-                    f"stage {i} changes the width ({embed_dims[i]} -> {embed_dims[i + 1]}) without a transition; "
-                    f"CycleMLP only changes width in its 3x3 stride-2 downsampling (set transitions[{i}]=True)"
-                )
+        check_widths_change_at_transitions("CycleMLP", embed_dims, transitions)
         self.config = dict(
             layers=list(layers),
             img_size=img_size if isinstance(img_size, int) else list(img_size),

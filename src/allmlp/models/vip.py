@@ -173,6 +173,16 @@ def check_stage_lists(layers: Sequence[int], **lists: Sequence) -> None:
             raise ValueError(f"{name} needs one entry per stage ({len(layers)} stages), got {values!r}")
 
 
+def check_widths_change_at_transitions(family: str, embed_dims: Sequence[int], transitions: Sequence[bool]) -> None:
+    """A stage's width may differ from the next one's only where a downsampling (a transition) joins them."""
+    for i in range(len(embed_dims) - 1):
+        if not transitions[i] and embed_dims[i] != embed_dims[i + 1]:
+            raise ValueError(
+                f"stage {i} changes the width ({embed_dims[i]} -> {embed_dims[i + 1]}) without a transition; "
+                f"{family} only changes width in its 3x3 stride-2 downsampling (set transitions[{i}]=True)"
+            )
+
+
 class StagedMLP(ModelInterface, nn.Module):
     """What ViP and CycleMLP share: the `network` of stages, final norm, mean pooling, head, and the model API.
 

@@ -46,6 +46,7 @@ from .vip import (
     PatchEmbed,
     branch_means,
     check_stage_lists,
+    check_widths_change_at_transitions,
     init_trunc_normal_,
     split_attention,
 )
@@ -269,12 +270,7 @@ class WaveMLP(DenseStagedMLP):
         check_stage_lists(layers, embed_dims=embed_dims, transitions=transitions, mlp_ratios=mlp_ratios)
         check_choice("norm_layer", norm_layer, NORM_LAYERS)
         check_choice("mode", mode, MODES)
-        for i in range(len(layers) - 1):
-            if not transitions[i] and embed_dims[i] != embed_dims[i + 1]:
-                raise ValueError(
-                    f"stage {i} changes the width ({embed_dims[i]} -> {embed_dims[i + 1]}) without a transition; "
-                    f"Wave-MLP only changes width in its 3x3 stride-2 downsampling (set transitions[{i}]=True)"
-                )
+        check_widths_change_at_transitions("Wave-MLP", embed_dims, transitions)
         self.config = dict(
             layers=list(layers),
             img_size=img_size if isinstance(img_size, int) else list(img_size),
