@@ -32,10 +32,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import allmlp
 from allmlp.models.registry import REGISTRY
-from allmlp.tools.bench import expand_models, machine
+from allmlp.tools.bench import Gemm, expand_models, machine
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+GEMM_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}  # allmlp bench's names for the reference product's dtype
 # Covered by their own benchmarks (bench_mixer.py against timm, bench_cyclemlp_vip.py against the authors').
 OWN_BENCHMARK = {"MlpMixer", "CycleMLP", "VisionPermutator"}
 
@@ -91,13 +92,6 @@ def timed(run, images: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def gemm_seconds(dtype: torch.dtype, size: int = 2048) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    start = time.perf_counter()
-    torch.mm(a, b)
-    return time.perf_counter() - start
-
-
 def bench_model(name: str, args: argparse.Namespace, constructors: dict) -> list[dict]:
     torch.manual_seed(0)
     model = allmlp.create_model(name).eval()
@@ -143,6 +137,7 @@ def bench_model(name: str, args: argparse.Namespace, constructors: dict) -> list
                 timed(run[0], run[1])  # warm-up
 
     seconds = {key: [] for key, run in runs.items() if not isinstance(run, str)}
+    gemms = {name: Gemm(2048, GEMM_DTYPES[name], torch.device("cpu"), "wall") for name in args.dtypes}
     gemm = {dtype_name: [] for dtype_name in args.dtypes}
     order = list(seconds)
     for r in range(args.rounds):
@@ -150,7 +145,7 @@ def bench_model(name: str, args: argparse.Namespace, constructors: dict) -> list
             net, x = runs[key]
             seconds[key].append(timed(net, x))
         for dtype_name in args.dtypes:
-            gemm[dtype_name].append(gemm_seconds(DTYPES[dtype_name]))
+            gemm[dtype_name].append(gemms[dtype_name]())
 
     rows = []
     for (impl, dtype_name), run in runs.items():
@@ -160,7 +155,7 @@ def bench_model(name: str, args: argparse.Namespace, constructors: dict) -> list
             continue
         t = seconds[impl, dtype_name]
         base = seconds.get((peer_kind, dtype_name))
-        gemm_rate = 2 * 2048**3 / statistics.median(gemm[dtype_name])
+        gemm_rate = gemms[dtype_name].flops / statistics.median(gemm[dtype_name])
         rows.append(
             {
                 **row,
