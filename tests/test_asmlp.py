@@ -20,12 +20,7 @@ KEY_FILES = {"asmlp_t": "asmlp_T_keys.txt", "asmlp_s": "asmlp_S_keys.txt", "asml
 SMALL = dict(embed_dim=8, depths=[1, 2, 1, 1], shift_size=5, mlp_ratio=2.0, num_classes=10, drop_path_rate=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def key_shapes(name: str) -> dict[str, tuple[int, ...]]:

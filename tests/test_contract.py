@@ -360,15 +360,7 @@ NOT_SCRIPTABLE: dict[str, str] = {
 }
 
 
-# Opacus's per-sample gradients that are known to be wrong; xfail(strict=True) entries with the reason
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: a second intra-op thread buys nothing, and on a loaded machine every parallel region
-    waits for it (20 ms per op instead of 0.1 ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def make(name: str, seed: int = 0, **overrides) -> nn.Module:

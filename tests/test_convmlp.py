@@ -28,12 +28,7 @@ CONFIGS = [
 SIZES = [(37, 45), (1, 1), (3, 5), (17, 64), (30, 31)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def randomise_all(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -29,12 +29,7 @@ CLASSES = {"GMLP": allmlp.GMLP, "GMixer": allmlp.GMixer}
 ARCHITECTURES = pytest.mark.parametrize("architecture", sorted(SMALL))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def pair(architecture: str, **overrides):

@@ -43,12 +43,7 @@ MODES = [(step, pixel) for step in ("c", "0") for pixel in ("c", "0", "replicate
 SIZES = [(37, 53), (64, 41), (29, 29), (90, 33)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def pair(seed: int = 0, **config) -> tuple[allmlp.HireMLP, nn.Module]:

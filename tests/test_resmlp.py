@@ -33,12 +33,7 @@ FB_INIT_SCALES = {"resmlp_12_224": 0.1, "resmlp_24_224": 1e-5, "resmlp_36_224": 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=16, depth=2, init_scale=0.1, num_classes=10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def key_shapes(name: str) -> dict[str, tuple[int, ...]]:

@@ -24,12 +24,7 @@ VARIANTS = {  # registered name: (key file, parameters as the authors' code coun
 SMALL = dict(in_chans=3, dim=8, alpha=2, num_classes=10, patch_size=4, image_size=36, depths=[1, 2, 1, 1], dp_rate=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def key_shapes(name: str) -> dict[str, tuple[int, ...]]:

@@ -47,12 +47,7 @@ SHARED_MS = dict(MS, net_arch=[[["pass", 1]], [["mlp", 2]], [["mlp", 2]], [["mlp
 SHARED_SINGLE = dict(SINGLE, net_arch=[["mlp", 3]], shared_spatial_func=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def key_shapes(name: str) -> dict[str, tuple[int, ...]]:

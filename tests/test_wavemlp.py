@@ -43,12 +43,7 @@ VARIANTS = {  # every norm / mode / option the released models use, and qkv_bias
 SIZES = [(37, 53), (3, 3), (64, 41), (29, 29)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def pair(seed: int = 0, **config) -> tuple[allmlp.WaveMLP, nn.Module]:
