@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .entries import IN1K, ModelEntry, hosted, imagenet_preprocessing
-from .interface import ModelInterface, check_global_pool, feature_take_indices, pretrained_cfg
+from .interface import ModelInterface, check_global_pool, pretrained_cfg
 from .layers import DropPath, linear_drop_path_rates, to_pair
 from .vip import init_trunc_normal_
 
@@ -341,32 +341,10 @@ class MSMLP(ModelInterface, nn.Module):
         x = self.head_drop(self.norm(x))
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        output_fmt: str = "NCHW",
-        stop_early: bool = False,
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """As `ModelInterface.forward_intermediates`, but the final features are `forward_features`' (no norm:
-        MS-MLP normalises after pooling) and `norm` changes nothing (no norm fits a map)."""
-        if output_fmt not in ("NCHW", self.token_format):
-            raise ValueError(f"output_fmt must be 'NCHW' or {self.token_format!r}, got {output_fmt!r}")
-        stages = self._feature_stages()
-        take, last = feature_take_indices(len(stages), indices)
-        x = self._embed(x)
-        intermediates = []
-        run = last + 1 if stop_early or intermediates_only else len(stages)
-        for index in range(run):
-            for module in stages[index]:
-                x = self._run_checkpointed(module, x) if self._checkpointing() else module(x)
-            if index in take:
-                intermediates.append(self._to_format(x, output_fmt))
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """No norm on the tokens: MS-MLP normalises after pooling (see forward_head), so the final features of
+        `forward_intermediates` are `forward_features`' tokens."""
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
