@@ -5,14 +5,19 @@ The authors' formulations are the independent re-implementations the parity test
 gMLP and gMixer, which have no official code, the peer is timm's model. Both get the same weights, and their
 logits must agree in float32 before anything is timed.
 
-Per model and dtype it reports images/s (median over rounds), the ratio to the authors' formulation in the same
-dtype (median over rounds of the per-round ratio), and the share of the machine's matrix-product rate the model
-reaches: its FLOPs (matrix products and convolutions, counted by torch's FlopCounterMode) per second over the
-rate of a 2048 x 2048 x 2048 product in the same dtype, timed in the same rounds. A formulation that has no
+Each runs as built and, for a family with a deploy form (RepMLPNet), folded as well: allmlp's by
+`allmlp.reparameterize`, the authors' as their `deploy=True` model holding the same folded weights. With
+--compile both implementations also run under torch.compile with inductor freezing, so that each allmlp row is
+compared with the peer in the same form, dtype and mode.
+
+Per row it reports images/s (median over rounds), the ratio to the peer's same form, dtype and mode (median over
+rounds of the per-round ratio), and the share of the machine's matrix-product rate the model reaches: its FLOPs
+(matrix products and convolutions, counted by torch's FlopCounterMode, for the form it runs in) per second over
+the rate of a 2048 x 2048 x 2048 product in the same dtype, timed in the same rounds. A formulation that has no
 kernel in a dtype (torchvision's deform_conv2d in bfloat16) is reported as such.
 
     python benchmarks/bench_families.py --threads 2 --batch 16 --rounds 5            # one model per family
-    python benchmarks/bench_families.py --models 'wavemlp_*' --dtypes bfloat16
+    python benchmarks/bench_families.py --models 'wavemlp_*' --dtypes bfloat16 --compile
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import allmlp
 from allmlp.models.registry import REGISTRY
+from allmlp.models.reparam import can_reparameterize
 from allmlp.tools.bench import Gemm, expand_models, machine
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
@@ -92,7 +99,30 @@ def timed(run, images: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+def same_logits(name: str, form: str, model: nn.Module, peer: nn.Module, peer_kind: str, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        diff = (model(x) - peer(x)).abs().max().item()
+    if diff > 1e-3:
+        raise SystemExit(
+            f"{name}{form}: allmlp and the {peer_kind} formulation disagree (max |logit difference| {diff:.2e})"
+        )
+    print(f"{name}{form}: logits agree with the {peer_kind} formulation to {diff:.1e}", file=sys.stderr)
+
+
+def forms(model: nn.Module, peer: nn.Module, constructors: dict):
+    """(form, allmlp model, peer model): the model as built, and for families with a deploy form (RepMLPNet) the
+    deploy form of both, folded by `allmlp.reparameterize` and loaded into the authors' `deploy=True` model."""
+    yield "", model, peer
+    if any(can_reparameterize(module) for module in model.modules()):
+        deployed = allmlp.reparameterize(model)
+        peer_deployed = constructors[type(model).__name__](**deployed.config).eval()
+        peer_deployed.load_state_dict(deployed.state_dict())
+        yield " deployed", deployed, peer_deployed
+
+
 def bench_model(name: str, args: argparse.Namespace, constructors: dict) -> list[dict]:
+    """Rows for `name`: the peer and allmlp, per form (as built; deployed), dtype and mode (eager; compiled with
+    inductor freezing, both of them, with --compile). Each allmlp row's ratio is to the peer's same form and mode."""
     torch.manual_seed(0)
     model = allmlp.create_model(name).eval()
     with torch.no_grad():  # a zero-initialised head would make every logit 0 and hide any difference
@@ -105,36 +135,35 @@ def bench_model(name: str, args: argparse.Namespace, constructors: dict) -> list
     peer.eval()
     shape = tuple(model.pretrained_cfg["input_size"])
     images = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        diff = (model(images[:2]) - peer(images[:2])).abs().max().item()
-    if diff > 1e-3:
-        raise SystemExit(f"{name}: allmlp and the {peer_kind} formulation disagree (max |logit difference| {diff:.2e})")
-    print(f"{name}: logits agree with the {peer_kind} formulation to {diff:.1e}", file=sys.stderr)
-    flops = flops_per_image(model, shape) * args.batch
 
-    runs = {}
-    for dtype_name in args.dtypes:
-        dtype = DTYPES[dtype_name]
-        x = images.to(dtype)
-        for impl, net in ((peer_kind, peer), ("allmlp", model)):
-            net = copy.deepcopy(net).to(dtype)
-            try:
-                with torch.no_grad():
-                    net(x[:1])
-            except (RuntimeError, NotImplementedError) as err:
-                runs[impl, dtype_name] = str(err).splitlines()[0][:60]
-                continue
-            runs[impl, dtype_name] = (net, x)
-            if args.compile and impl == "allmlp":
-                import torch._inductor.config as inductor_config
-
-                compiled = torch.compile(net)
-                with inductor_config.patch(freezing=True), torch.no_grad():
-                    compiled(x)
-                runs["allmlp compiled", dtype_name] = (compiled, x)
-        for key, run in list(runs.items()):
-            if key[1] == dtype_name and not isinstance(run, str):
-                timed(run[0], run[1])  # warm-up
+    runs, flops, peer_of = {}, {}, {}  # per (implementation, dtype)
+    for form, net_allmlp, net_peer in forms(model, peer, constructors):
+        same_logits(name, form, net_allmlp, net_peer, peer_kind, images[:2])
+        form_flops = flops_per_image(net_allmlp, shape) * args.batch
+        for dtype_name in args.dtypes:
+            x = images.to(DTYPES[dtype_name])
+            for impl, net in ((peer_kind, net_peer), ("allmlp", net_allmlp)):
+                net = copy.deepcopy(net).to(DTYPES[dtype_name])
+                try:
+                    with torch.no_grad():
+                        net(x[:1])
+                except (RuntimeError, NotImplementedError) as err:
+                    runs[impl + form, dtype_name] = str(err).splitlines()[0][:60]
+                    continue
+                modes = [("", net)]
+                if args.compile:
+                    modes.append((" compiled", torch.compile(net)))
+                for mode, run in modes:
+                    key = impl + form + mode, dtype_name
+                    flops[key], peer_of[key] = form_flops, (peer_kind + form + mode, dtype_name)
+                    try:
+                        with inductor_config.patch(freezing=True), torch.no_grad():
+                            run(x)  # warm-up (compiling happens here)
+                            run(x)
+                    except Exception as err:  # noqa: BLE001 - a peer torch.compile cannot take is a row, not a crash
+                        runs[key] = f"{type(err).__name__}: {str(err).splitlines()[0][:40]}"
+                        continue
+                    runs[key] = run, x
 
     seconds = {key: [] for key, run in runs.items() if not isinstance(run, str)}
     gemms = {name: Gemm(2048, GEMM_DTYPES[name], torch.device("cpu"), "wall") for name in args.dtypes}
@@ -154,14 +183,14 @@ def bench_model(name: str, args: argparse.Namespace, constructors: dict) -> list
             rows.append({**row, "note": f"no {dtype_name} run: {run}"})
             continue
         t = seconds[impl, dtype_name]
-        base = seconds.get((peer_kind, dtype_name))
+        base = seconds.get(peer_of[impl, dtype_name])
         gemm_rate = gemms[dtype_name].flops / statistics.median(gemm[dtype_name])
         rows.append(
             {
                 **row,
                 "img_per_s": args.batch / statistics.median(t),
                 "ratio": None if base is None else statistics.median(b / a for a, b in zip(t, base, strict=True)),
-                "of_gemm": flops / statistics.median(t) / gemm_rate,
+                "of_gemm": flops[impl, dtype_name] / statistics.median(t) / gemm_rate,
             }
         )
     return rows
@@ -174,7 +203,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="also time allmlp under torch.compile (freezing)")
+    parser.add_argument("--compile", action="store_true", help="also time both under torch.compile (inductor freezing)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     constructors = authors_constructors()

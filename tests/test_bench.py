@@ -11,7 +11,7 @@ import pytest
 
 import allmlp
 from allmlp.cli import main
-from allmlp.tools.bench import Case, Settings, bench, expand_cases, expand_models, model_flops
+from allmlp.tools.bench import Case, Settings, bench, expand_cases, expand_models, model_flops, parse_cpuinfo
 
 COLUMNS = ["img/s", "ms/batch", "vs peer", "GFLOP/s", "of GEMM", "peak MB", "act. MB"]
 QUICK = ["--models", "mixer_s32_224", "--batch-sizes", "1", "--rounds", "1", "--warmup", "1", "--gemm-size", "64"]
@@ -204,3 +204,37 @@ def test_families_benchmark_covers_every_family_and_checks_the_authors_formulati
         (d, i) for d in ("float32", "bfloat16") for i in ("authors", "allmlp")
     }
     assert all(ratio for dtype, impl, ratio in rows if impl == "allmlp")
+
+
+def test_families_benchmark_times_the_deploy_form_against_the_authors_deploy_form():
+    """A family with a deploy form (RepMLPNet) gets rows for it, allmlp's folded by `allmlp.reparameterize` against
+    the authors' `deploy=True` model with the same folded weights, after their logits are compared."""
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_families.py"
+    command = [sys.executable, str(script), "--models", "repmlpnet_t224", "--threads", "1", "--batch", "1",
+               "--rounds", "1", "--dtypes", "float32"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert re.search(r"repmlpnet_t224 deployed: logits agree with the authors formulation to \S+", result.stderr)
+    rows = re.findall(
+        r"^\| repmlpnet_t224 \| float32 \| ([\w ]+) \| [\d.]+ \| ([\d.]+)x \| \d+% \|$", result.stdout, re.M
+    )
+    assert [impl for impl, _ in rows] == ["authors", "allmlp", "authors deployed", "allmlp deployed"]
+    assert [ratio for impl, ratio in rows if impl.startswith("authors")] == ["1.00", "1.00"]
+
+
+ZEN5 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: AMD EPYC
+flags\t\t: fpu avx512f avx512_bf16 avx512_vp2intersect
+
+processor\t: 1
+model name\t: another CPU
+"""
+
+
+def test_the_cpu_is_named_with_its_family_and_model():
+    """A virtual machine's "AMD EPYC" says nothing of the generation; the family and model numbers do (26: Zen 5)."""
+    name, flags = parse_cpuinfo(ZEN5)
+    assert name == "AMD EPYC (family 26, model 2)"
+    assert {"avx512_bf16", "avx512f"} <= flags and "amx_bf16" not in flags

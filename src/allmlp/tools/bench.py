@@ -559,16 +559,25 @@ def machine() -> dict:
 
 def _cpu_info() -> tuple[str, set[str]]:
     """Model name and feature flags from /proc/cpuinfo (Linux); elsewhere what `platform` knows."""
-    name, flags = platform.processor() or platform.machine(), set()
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    return name, flags
+        return parse_cpuinfo(Path("/proc/cpuinfo").read_text())
+    return platform.processor() or platform.machine(), set()
+
+
+def parse_cpuinfo(text: str) -> tuple[str, set[str]]:
+    """(name, flags) of the first CPU in /proc/cpuinfo's text. The name carries the family and model numbers, which
+    tell generations apart where a virtual machine names only the vendor's line ("AMD EPYC": family 25 is Zen 3
+    and 4, family 26 Zen 5)."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first CPU's block ends
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name", platform.processor() or platform.machine())
+    if "cpu family" in fields and "model" in fields:
+        name = f"{name} (family {fields['cpu family']}, model {fields['model']})"
+    return name, set(fields.get("flags", "").split())
 
 
 def _free_stem(out_dir: Path) -> str:
