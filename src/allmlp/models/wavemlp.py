@@ -130,10 +130,9 @@ class ConvMlp(nn.Module):
         self.fc2 = nn.Conv2d(hidden_features, out_features or in_features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the activation on the channels-last view: elementwise ops on channels_last NCHW tensors are up to twice as
-        # slow on CPU (bfloat16) as on the same memory seen as contiguous NHWC
-        x = self.act(self.fc1(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.drop(self.fc2(self.drop(x)))
+        # the activation right on fc1's output, as the authors': torch.compile then fuses it into the convolution
+        # (on a channels-last view instead, eager bfloat16 is ~2% faster and compiled ~6% slower)
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 def fuse_branches(h: torch.Tensor, w: torch.Tensor, c: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -174,7 +173,8 @@ class PATM(nn.Module):
         return nn.Sequential(conv, nn.BatchNorm2d(dim), nn.ReLU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the waves are built on the channels-last views (faster elementwise ops, see ConvMlp) and concatenated
+        # the waves are built on the channels-last views (elementwise ops on channels_last NCHW tensors are up to
+        # twice as slow on CPU in bfloat16 as on the same memory seen as NHWC) and concatenated
         # along their channels: the same [cos | sin] tensor as the authors', in channels_last memory format
         theta_h = self.theta_h_conv(x).permute(0, 2, 3, 1)
         theta_w = self.theta_w_conv(x).permute(0, 2, 3, 1)
