@@ -16,11 +16,11 @@ the authors' code. Stochastic depth rises linearly over all blocks (`dp_rate` at
 
 Exactness: the same operations in the same order on the same values; only the layout differs. Tokens stay
 channels-last (B, H, W, C) between layers, so the depthwise, fuse and downsampling convolutions read channels_last
-views; the height projection reads the tokens as a (B, H, W*C, 1) map (a plain view) and the width projection a
-(B, W, H, C) permuted view (the authors permute and copy around both). Every conv input is batch-first, so
-per-module per-sample gradients (Opacus's functorch sampler) are right. Each residual step is one module,
-`x + drop_path(branch(x))`, whose children keep the authors' indices (`token_mix[k][0]`, `[1]`;
-`channel_mix[k][1]`, `[2]`; their `Rearrange`s 0 and 3 hold nothing).
+views; the height projection reads the tokens themselves as an NCHW map (B, H, W, C) whose channels are the
+rows, and the width projection a (B, W, H, C) permuted view (the authors permute and copy around both). Every
+conv input is batch-first, so per-module per-sample gradients (Opacus's functorch sampler) are right. Each
+residual step is one module, `x + drop_path(branch(x))`, whose children keep the authors' indices
+(`token_mix[k][0]`, `[1]`; `channel_mix[k][1]`, `[2]`; their `Rearrange`s 0 and 3 hold nothing).
 
 Input size: the token projections are sized for one grid (`image_size // patch_size`, halved at each stage), so a
 model takes the inputs whose patch grid is that one: height and width in `image_size .. image_size + patch_size
