@@ -559,15 +559,16 @@ def machine() -> dict:
 
 def _cpu_info() -> tuple[str, set[str]]:
     """Model name and feature flags from /proc/cpuinfo (Linux); elsewhere what `platform` knows."""
+    text = ""
     with contextlib.suppress(OSError):
-        return parse_cpuinfo(Path("/proc/cpuinfo").read_text())
-    return platform.processor() or platform.machine(), set()
+        text = Path("/proc/cpuinfo").read_text()
+    return parse_cpuinfo(text)
 
 
 def parse_cpuinfo(text: str) -> tuple[str, set[str]]:
-    """(name, flags) of the first CPU in /proc/cpuinfo's text. The name carries the family and model numbers, which
-    tell generations apart where a virtual machine names only the vendor's line ("AMD EPYC": family 25 is Zen 3
-    and 4, family 26 Zen 5)."""
+    """(name, flags) of the first CPU in /proc/cpuinfo's text (without a name there, what `platform` knows). The
+    name carries the family and model numbers, which tell generations apart where a virtual machine names only the
+    vendor's line ("AMD EPYC": family 25 is Zen 3 and 4, family 26 Zen 5)."""
     fields: dict[str, str] = {}
     for line in text.splitlines():
         if not line.strip():
