@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import allmlp
+from allmlp.allocator import apply_environment
 from allmlp.models.registry import REGISTRY
 from allmlp.models.reparam import can_reparameterize
 from allmlp.tools.bench import Gemm, expand_models, machine
@@ -205,12 +206,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time both under torch.compile (inductor freezing)")
     args = parser.parse_args()
+    apply_environment()  # the allmlp command's malloc setting, for both implementations alike
     torch.set_num_threads(args.threads)
     constructors = authors_constructors()
     names = expand_models(args.models) if args.models else default_models()
     info = machine()
     cpu = f"{info['cpu']} ({info['cpu_bf16_unit']})"
-    print(f"{cpu}, {info['threads']} threads, torch {info['torch']}, batch {args.batch}")
+    print(f"{cpu}, {info['threads']} threads, torch {info['torch']}, batch {args.batch}, malloc: {info['malloc']}")
     print("| model | dtype | implementation | img/s | / peer (same dtype) | of GEMM rate |")
     print("|---|---|---|---|---|---|")
     for name in names:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from allmlp.allocator import apply_environment
 from allmlp.tools.bench import (
     Case,
     Row,
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results/mixer", help="one folder of results per suite in here")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables (for the README)")
     args = parser.parse_args()
+    apply_environment()  # the allmlp command's malloc setting, for both implementations alike
     settings = Settings(
         compare="timm", rounds=args.rounds, warmup=args.warmup, threads=args.threads, device=args.device,
         clock=args.clock,
@@ -80,7 +82,7 @@ def main() -> None:
         info = machine()
         print(
             f"\n## {suite}: {info['cpu']} ({info['cpu_bf16_unit']}), {info['threads']} threads, "
-            f"torch {info['torch']}, {args.clock} clock"
+            f"torch {info['torch']}, {args.clock} clock, malloc: {info['malloc']}"
         )
         print(format_table(rows, args.markdown))
         for line in checkpointing_summary(rows):

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import platform
 import re
 import subprocess
 import sys
@@ -219,6 +220,22 @@ def test_families_benchmark_times_the_deploy_form_against_the_authors_deploy_for
     )
     assert [impl for impl, _ in rows] == ["authors", "allmlp", "authors deployed", "allmlp deployed"]
     assert [ratio for impl, ratio in rows if impl.startswith("authors")] == ["1.00", "1.00"]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting it measures is glibc's")
+def test_malloc_benchmark_times_both_settings_in_fresh_processes():
+    """benchmarks/bench_malloc.py runs a model once under glibc's defaults and once with freed memory kept, in
+    processes of their own, and reports the speeds, the page faults and the per-pair speed-up."""
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_malloc.py"
+    command = [sys.executable, str(script), "--models", "mixer_s32_224", "--threads", "1", "--batch", "2",
+               "--pairs", "1", "--warmup", "1", "--batches", "1"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    row = re.search(
+        r"^\| mixer_s32_224 \| [\d.]+ \| [\d.]+ \| [\d,]+ → [\d,]+ \| [\d.]+x \([\d.]+\) \|$",
+        result.stdout,
+        re.M,
+    )
+    assert row, result.stdout  # (that the setting removes the faults is test_allocator's)
 
 
 ZEN5 = """processor\t: 0

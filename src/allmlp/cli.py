@@ -683,6 +683,7 @@ def _os_error(err: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .allocator import apply_environment
     from .train.engine import TrainingInterrupted
 
     args = parse_args(argv)
@@ -691,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         library_log.addHandler(_Stderr())
         library_log.setLevel(logging.INFO)
     try:
+        apply_environment()
         return args.run(args) or 0
     except TrainingInterrupted as err:
         print(f"allmlp {args.command}: {err}", file=sys.stderr)

@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from .. import allocator
 from ..atomic import write_bytes_atomic
 from ..models.mixer import MlpMixer
 from ..models.optimize import optimize_for_inference
@@ -551,6 +552,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "malloc": allocator.state(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -625,7 +627,7 @@ def run_command(cases: list[Case], settings: Settings, out_dir: str | Path, mark
     info = machine()
     print(
         f"{info['cpu']} ({info['cpu_bf16_unit']}), {info['threads']} threads, torch {info['torch']}, "
-        f"device {settings.device}, {settings.clock} clock"
+        f"device {settings.device}, {settings.clock} clock, malloc: {info['malloc']}"
     )
     print(format_table(rows, markdown))
     for line in checkpointing_summary(rows):
