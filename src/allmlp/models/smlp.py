@@ -124,7 +124,11 @@ class SparseMLP(nn.Module):
         # conv copies it, as the authors' permute does), and the tokens themselves, (B, H, W, C) seen as NCHW.
         along_width = self.proj_h(x.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
         along_height = self.proh_w(x)
-        fused = torch.cat([x, along_width, along_height], dim=3)
+        # The concatenation runs on (B, 1, H, W, C) views: torch.compile lays a 4-D concatenation out channels_last
+        # when one input is (the height projection's map, whose channels are the rows, is), which puts the rows
+        # innermost and costs a second, scalar transpose of the whole result for `fuse` (at 56x56 the compiled
+        # sparse MLP took 44 ms instead of 17).
+        fused = torch.cat([x.unsqueeze(1), along_width.unsqueeze(1), along_height.unsqueeze(1)], dim=4).squeeze(1)
         return self.fuse(fused.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
