@@ -1,14 +1,14 @@
 """Keep the memory a model frees inside the process, so that the next step reuses it (glibc's malloc, Linux).
 
-With its default settings glibc gives a block of more than a few MiB back to the kernel when it is freed: such
-blocks are mmap-ed, and the top of the heap is trimmed as soon as 128 KiB there is free. A model allocates and
-frees its activations at every step, so every step writes them to fresh pages, and the first write to each 4 KiB
-page is a page fault in which the kernel zero-fills the page. On the 2-core Zen 5 of these sessions, eager bf16
-inference at batch 16 took 23,000 (sMLPNet-T) to 150,000 (AS-MLP-T) page faults per batch; filling a 24 MB
-tensor with a bias (what `nn.Linear` on CPU does before its product) took 6 ms in fresh memory and 0.4 ms in
-reused memory. `retain_freed_memory` makes glibc serve every block from its heap (`M_MMAP_MAX` 0) and keep up to 2 GiB
-of free memory at the heap's top (`M_TRIM_THRESHOLD`): the faults go to nearly none, and the resident memory of
-the process stays near its peak between steps instead of falling back.
+With its default settings glibc serves large blocks with mmap (above a threshold that starts at 128 KiB and rises
+with the sizes freed) and unmaps them when they are freed, and it trims the heap's top once enough there is free.
+A model allocates and frees its activations at every step, so every step writes them to fresh pages, and the first
+write to each 4 KiB page is a page fault in which the kernel zero-fills it. On the 2-core Zen 5 of these sessions,
+eager bf16 inference at batch 16 took 12,000 to 150,000 page faults per batch (by model and run), and filling a
+24 MB tensor with a bias (what `nn.Linear` on CPU does before its product) took 6 ms in fresh memory against
+0.4 ms in reused memory. `retain_freed_memory` makes glibc serve every block from its heap (`M_MMAP_MAX` 0) and
+keep up to 2 GiB of free memory at the heap's top (`M_TRIM_THRESHOLD`): the faults go to nearly none, and the
+process's resident memory stays near its peak between steps instead of falling back.
 
 It is a setting of the whole process, so importing allmlp never makes it. The `allmlp` command makes it when it
 starts (`ALLMLP_MALLOC=system` leaves glibc's defaults); a program of your own can call it once at the start.
