@@ -45,10 +45,10 @@ def test_retained_memory_is_reused_without_page_faults():
 
 def test_elsewhere_nothing_is_changed(monkeypatch):
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
-    monkeypatch.setattr(allocator, "_state", "system default")
+    monkeypatch.setattr(allocator, "_state", "not set by allmlp")
     monkeypatch.setattr(allocator.ctypes, "CDLL", lambda *a: pytest.fail("no C library call off glibc"))
     assert allocator.retain_freed_memory() is False
-    assert allocator.state() == "system default"
+    assert allocator.state() == "not set by allmlp"
 
 
 @pytest.mark.parametrize(("value", "retains"), [(None, True), ("retain", True), ("system", False)])

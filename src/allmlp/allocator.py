@@ -25,7 +25,7 @@ M_MMAP_MAX = -4
 KEPT_FREE_BYTES = 2**31 - 1  # the largest trim threshold mallopt takes (an int): 2 GiB
 CHOICES = ("retain", "system")
 
-_state = "system default"
+_state = "not set by allmlp"
 
 
 def retain_freed_memory() -> bool:

@@ -643,7 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="allmlp",
-        description="All-MLP vision models: MLP-Mixer, CycleMLP, Vision Permutator.",
+        description="All-MLP vision models: MLP-Mixer, CycleMLP, Vision Permutator and twelve more families.",
+        epilog="On Linux the command keeps the memory it frees for reuse (glibc's malloc; allmlp.allocator); "
+        "ALLMLP_MALLOC=system keeps glibc's defaults.",
     )
     parser.add_argument("--version", action="version", version=f"allmlp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
