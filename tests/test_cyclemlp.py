@@ -393,9 +393,9 @@ def test_shift_has_no_wraparound():
 
 
 def test_convert_recognises_a_dense_prediction_backbone_and_refuses_unknown_shapes(tmp_path):
-    backbone = allmlp.create_model("cyclemlp_b2", fork_feat=True)
-    torch.save({"model": backbone.state_dict()}, tmp_path / "b2_feat.pth")
-    converted = convert(tmp_path / "b2_feat.pth", tmp_path / "b2_feat.safetensors")
+    backbone = allmlp.create_model("cyclemlp_b1", fork_feat=True)
+    torch.save({"model": backbone.state_dict()}, tmp_path / "b1_feat.pth")
+    converted = convert(tmp_path / "b1_feat.pth", tmp_path / "b1_feat.safetensors")
     assert converted.config == backbone.config and converted.fork_feat
     torch.save(AuthorsCycleNet(**SMALL).state_dict(), tmp_path / "small.pth")
     with pytest.raises(ValueError, match="match no registered model .*pass --model NAME"):

@@ -232,9 +232,9 @@ def test_released_files_load_everywhere(variant, tmp_path):
 
 
 def test_convert_recognises_a_dense_prediction_backbone(tmp_path):
-    backbone = allmlp.create_model("wavemlp_s", fork_feat=True)
-    torch.save(backbone.state_dict(), tmp_path / "s_feat.pth")
-    converted = convert(tmp_path / "s_feat.pth", tmp_path / "s_feat.safetensors")
+    backbone = allmlp.create_model("wavemlp_t", fork_feat=True)
+    torch.save(backbone.state_dict(), tmp_path / "t_feat.pth")
+    converted = convert(tmp_path / "t_feat.pth", tmp_path / "t_feat.safetensors")
     assert converted.config == backbone.config and converted.fork_feat
 
 

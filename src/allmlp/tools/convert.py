@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 
@@ -64,6 +65,17 @@ def _variants(name: str) -> list[dict]:
     return [{}] + [{option: value} for option, value in _OTHER_FORMS if option in accepted]
 
 
+@functools.cache
+def _meta_shapes(name: str, overrides: tuple[tuple[str, object], ...]) -> tuple[dict[str, tuple[int, ...]], str]:
+    """A registered model's parameter and buffer shapes with these constructor overrides, and its classifier's
+    name. Built on the meta device once per process: a scan builds every registered variant (seconds), and a
+    program that converts several files needs them only once."""
+    with torch.device("meta"):
+        model = create_model(name, **dict(overrides))
+    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    return shapes, model.pretrained_cfg.get("classifier", "head")
+
+
 def registered_variant_for(state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """The registered model whose parameter and buffer names and shapes are exactly the state dict's (the authors'
     checkpoints keep their own module names), with the checkpoint's number of classes. Configs cannot be read off
@@ -72,15 +84,12 @@ def registered_variant_for(state_dict: dict[str, torch.Tensor]) -> nn.Module:
     shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
     for name in list_models():
         for overrides in _variants(name):
-            with torch.device("meta"):
-                candidate = create_model(name, **overrides)
-            classifier = candidate.pretrained_cfg.get("classifier", "head")
+            candidate, classifier = _meta_shapes(name, tuple(overrides.items()))
             head = shapes.get(f"{classifier}.weight")
             if head is not None and "fork_feat" not in overrides:
                 overrides = {**overrides, "num_classes": head[0]}
-                with torch.device("meta"):
-                    candidate = create_model(name, **overrides)
-            if {key: tuple(value.shape) for key, value in candidate.state_dict().items()} == shapes:
+                candidate, _ = _meta_shapes(name, tuple(overrides.items()))
+            if candidate == shapes:
                 return create_model(name, **overrides)
     raise ValueError(
         "weights whose names and shapes match no registered model (an unknown variant, or a file of another "
