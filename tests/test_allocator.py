@@ -40,7 +40,9 @@ def test_retained_memory_is_reused_without_page_faults():
     assert took == "True"
     assert faults <= PAGES, f"{faults} page faults in six cycles of a 64 MiB block: more than one block's pages"
     _, default_faults = _faults("system")
-    assert default_faults >= 6 * PAGES * 0.9, "glibc's defaults give each cycle fresh pages (what the setting fixes)"
+    # glibc's defaults give each cycle fresh pages: 6 * PAGES faults here with 4 KiB pages (fewer where transparent
+    # huge pages are always on), the cost that the setting removes
+    assert default_faults > faults
 
 
 def test_elsewhere_nothing_is_changed(monkeypatch):
