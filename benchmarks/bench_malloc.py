@@ -22,7 +22,7 @@ import torch
 
 import allmlp
 from allmlp.allocator import apply_environment
-from allmlp.tools.bench import machine
+from allmlp.tools.bench import input_size, machine
 
 MODELS = ["mixer_b16_224", "activemlp_xt", "asmlp_t", "swinmlp_t_c24", "smlpnet_t", "wavemlp_t_dw"]
 SETTINGS = ("system", "retain")
@@ -33,7 +33,7 @@ def child(args: argparse.Namespace) -> None:
     apply_environment()
     torch.set_num_threads(args.threads)
     model = allmlp.create_model(args.child).eval().to(torch.bfloat16)
-    images = torch.randn(args.batch, *model.pretrained_cfg["input_size"], dtype=torch.bfloat16)
+    images = torch.randn(args.batch, *input_size(model), dtype=torch.bfloat16)
     with torch.no_grad():
         for _ in range(args.warmup):
             model(images)

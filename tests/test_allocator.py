@@ -1,6 +1,6 @@
 """The malloc setting of the `allmlp` command: freed activations stay in the process instead of page-faulting back."""
 
-import platform
+import os
 import subprocess
 import sys
 
@@ -8,7 +8,7 @@ import pytest
 
 from allmlp import allocator, cli
 
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = allocator.runs_on_glibc()
 
 # Allocate-fill-free cycles of a 64 MiB tensor (16,384 pages of 4 KiB, above glibc's largest mmap threshold):
 # two to settle the heap, then the minor page faults of six more.
@@ -46,7 +46,7 @@ def test_retained_memory_is_reused_without_page_faults():
 
 
 def test_elsewhere_nothing_is_changed(monkeypatch):
-    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
+    monkeypatch.setattr(os, "confstr", lambda name: None)
     monkeypatch.setattr(allocator, "_state", "not set by allmlp")
     monkeypatch.setattr(allocator.ctypes, "CDLL", lambda *a: pytest.fail("no C library call off glibc"))
     assert allocator.retain_freed_memory() is False

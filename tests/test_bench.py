@@ -2,7 +2,6 @@
 
 import csv
 import json
-import platform
 import re
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import allmlp
+from allmlp import allocator
 from allmlp.cli import main
 from allmlp.tools.bench import Case, Settings, bench, expand_cases, expand_models, model_flops, parse_cpuinfo
 
@@ -222,7 +222,7 @@ def test_families_benchmark_times_the_deploy_form_against_the_authors_deploy_for
     assert [ratio for impl, ratio in rows if impl.startswith("authors")] == ["1.00", "1.00"]
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting it measures is glibc's")
+@pytest.mark.skipif(not allocator.runs_on_glibc(), reason="the setting it measures is glibc's")
 def test_malloc_benchmark_times_both_settings_in_fresh_processes():
     """benchmarks/bench_malloc.py runs a model once under glibc's defaults and once with freed memory kept, in
     processes of their own, and reports the speeds, the page faults and the per-pair speed-up."""

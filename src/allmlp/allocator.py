@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
 M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers (glibc's malloc.h)
 M_MMAP_MAX = -4
@@ -28,11 +27,19 @@ CHOICES = ("retain", "system")
 _state = "not set by allmlp"
 
 
+def runs_on_glibc() -> bool:
+    """Whether this process's C library is glibc (asked of the library itself, not read off the executable)."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # no confstr (Windows), or no such name (macOS, musl)
+        return False
+
+
 def retain_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed memory for reuse (see the module doc). Returns True when the settings
     took; False, changing nothing, where the C library is not glibc (macOS, Windows, musl)."""
     global _state
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not runs_on_glibc():
         return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on
     if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, KEPT_FREE_BYTES)):
