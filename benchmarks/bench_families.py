@@ -6,9 +6,10 @@ gMLP and gMixer, which have no official code, the peer is timm's model. Both get
 logits must agree in float32 before anything is timed.
 
 Each runs as built and, for a family with a deploy form (RepMLPNet), folded as well: allmlp's by
-`allmlp.reparameterize`, the authors' as their `deploy=True` model holding the same folded weights. With
---compile both implementations also run under torch.compile with inductor freezing, so that each allmlp row is
-compared with the peer in the same form, dtype and mode.
+`allmlp.reparameterize`, the authors' as their `deploy=True` model holding the same folded weights. A family that
+`allmlp.optimize_for_inference` takes (Wave-MLP here) is also timed as its inference module (rows "allmlp
+optimized", compared with the peer as built). With --compile every implementation also runs under torch.compile
+with inductor freezing, so that each allmlp row is compared with the peer in the same form, dtype and mode.
 
 Per row it reports images/s (median over rounds), the ratio to the peer's same form, dtype and mode (median over
 rounds of the per-round ratio), and the share of the machine's matrix-product rate the model reaches: its FLOPs
@@ -38,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import allmlp
 from allmlp.allocator import apply_environment
+from allmlp.models.optimize import FAMILIES as OPTIMIZABLE
 from allmlp.models.registry import REGISTRY
 from allmlp.models.reparam import can_reparameterize
 from allmlp.tools.bench import Gemm, expand_models, machine
@@ -140,11 +142,20 @@ def bench_model(name: str, args: argparse.Namespace, constructors: dict) -> list
     runs, flops, peer_of = {}, {}, {}  # per (implementation, dtype)
     for form, net_allmlp, net_peer in forms(model, peer, constructors):
         same_logits(name, form, net_allmlp, net_peer, peer_kind, images[:2])
+        optimizable = type(net_allmlp) in OPTIMIZABLE
+        if optimizable:
+            fast = allmlp.optimize_for_inference(net_allmlp)
+            same_logits(name, form + " optimized", fast, net_peer, peer_kind, images[:2])
         form_flops = flops_per_image(net_allmlp, shape) * args.batch
         for dtype_name in args.dtypes:
             x = images.to(DTYPES[dtype_name])
-            for impl, net in ((peer_kind, net_peer), ("allmlp", net_allmlp)):
+            impls = [(peer_kind, net_peer), ("allmlp", net_allmlp)]
+            if optimizable:  # also as allmlp.optimize_for_inference's module
+                impls.append(("allmlp optimized", net_allmlp))
+            for impl, net in impls:
                 net = copy.deepcopy(net).to(DTYPES[dtype_name])
+                if impl == "allmlp optimized":
+                    net = allmlp.optimize_for_inference(net)
                 try:
                     with torch.no_grad():
                         net(x[:1])

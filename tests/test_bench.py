@@ -222,6 +222,21 @@ def test_families_benchmark_times_the_deploy_form_against_the_authors_deploy_for
     assert [ratio for impl, ratio in rows if impl.startswith("authors")] == ["1.00", "1.00"]
 
 
+def test_families_benchmark_times_the_inference_module_where_there_is_one():
+    """A family `allmlp.optimize_for_inference` takes (Wave-MLP) gets a row for its inference module, compared with
+    the authors' model as built, after its logits are compared with theirs."""
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_families.py"
+    command = [sys.executable, str(script), "--models", "wavemlp_t_dw", "--threads", "1", "--batch", "1",
+               "--rounds", "1", "--dtypes", "float32"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert re.search(r"wavemlp_t_dw optimized: logits agree with the authors formulation to \S+", result.stderr)
+    rows = re.findall(
+        r"^\| wavemlp_t_dw \| float32 \| ([\w ]+) \| [\d.]+ \| ([\d.]+x)? \| \d+% \|$", result.stdout, re.M
+    )
+    assert [impl for impl, _ in rows] == ["authors", "allmlp", "allmlp optimized"]
+    assert all(ratio for impl, ratio in rows if impl.startswith("allmlp"))
+
+
 @pytest.mark.skipif(not allocator.runs_on_glibc(), reason="the setting it measures is glibc's")
 def test_malloc_benchmark_times_both_settings_in_fresh_processes():
     """benchmarks/bench_malloc.py runs a model once under glibc's defaults and once with freed memory kept, in

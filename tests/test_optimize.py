@@ -13,7 +13,7 @@ import allmlp
 from allmlp.models import optimize
 from allmlp.models.interface import FeatureNet
 
-from helpers import randomise
+from helpers import randomise, randomise_batchnorm_stats
 
 MODELS = {
     "mixer": (lambda: allmlp.MlpMixer(img_size=32, patch_size=8, hidden_dim=24, num_blocks=2, tokens_mlp_dim=12,
@@ -32,12 +32,20 @@ MODELS = {
                                                    transitions=[True, False], mlp_ratios=[2, 2, 2], fork_feat=True),
                            (2, 3, 45, 31)),
 }  # fmt: skip
+# Families whose inference module swaps layers for faster equivalents but fuses no linears.
+SWAPPED = {
+    "wavemlp": (lambda: allmlp.WaveMLP(layers=[1, 1], embed_dims=[8, 16], transitions=[True], mlp_ratios=[2, 3],
+                                       num_classes=5), (2, 3, 37, 29)),
+    "wavemlp_fork_feat": (lambda: allmlp.WaveMLP(layers=[1, 2], embed_dims=[8, 16], transitions=[True],
+                                                 mlp_ratios=[2, 2], norm_layer="group", mode="depthwise",
+                                                 ds_use_norm=False, fork_feat=True), (2, 3, 45, 31)),
+}  # fmt: skip
 
 
 def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
-    make, shape = MODELS[name]
+    make, shape = {**MODELS, **SWAPPED}[name]
     torch.manual_seed(seed)
-    model = randomise(make(), seed).eval()
+    model = randomise_batchnorm_stats(randomise(make(), seed), seed).eval()
     return model, torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
@@ -72,6 +80,23 @@ def test_same_outputs_and_features_as_the_model(name, onednn, monkeypatch):
     ops = ops_run(fast, x)
     assert ("mkldnn::_linear_pointwise" in ops) == onednn
     assert "aten::addmm_" in ops or "mkldnn::_linear_pointwise" in ops  # residuals ride in the products
+
+
+@pytest.mark.parametrize("name", sorted(SWAPPED))
+def test_wavemlp_grouped_convolutions_run_depthwise_with_the_same_function(name):
+    """Every `tfc_h` / `tfc_w` (two input channels per group) becomes a depthwise convolution and a pair sum; the
+    logits, features and fork_feat maps are the model's, on odd sizes too."""
+    model, x = build(name)
+    fast = allmlp.optimize_for_inference(model)
+    mixers = [m for m in fast.modules() if isinstance(m, allmlp.models.wavemlp.PATM)]
+    assert len(mixers) == sum(model.config["layers"])
+    assert all(isinstance(m.tfc_h, optimize.PairedGroupConv) and isinstance(m.tfc_w, optimize.PairedGroupConv)
+               for m in mixers)  # fmt: skip
+    for images in (x, torch.randn(1, 3, 3, 8), torch.randn(3, 3, 50, 21)):
+        with torch.no_grad():
+            expected, features = model(images), model.forward_features(images)
+        assert_same(fast(images), expected)
+        assert_same(fast.forward_features(images), features)
 
 
 @pytest.mark.parametrize("fold_min", [0, 10**9], ids=["folded", "direct"])
@@ -134,7 +159,7 @@ def test_keeps_the_dtype_bf16_agrees_with_fp32_on_a_trained_mixer(trained, mnist
         assert_agrees(logits, bf16(test.bfloat16()).float(), top1=0.99, relative=0.01)
 
 
-@pytest.mark.parametrize("name", ["vip", "cyclemlp"])
+@pytest.mark.parametrize("name", ["vip", "cyclemlp", "wavemlp"])
 def test_bf16_close_to_the_bf16_model(name):
     model, x = build(name)
     model = model.to(torch.bfloat16)

@@ -13,6 +13,8 @@ model's current weights:
   on CPU): bias and GELU, or bias and residual add, happen inside the product. Other devices and dtypes, or a
   PyTorch without the op, take portable ops that compute the same.
 - CycleMLP folds split attention into the projection on large token grids (see `fold_cycle_mixer`).
+- Wave-MLP's `tfc_h` / `tfc_w` (two input channels per group) run as a depthwise convolution and a pair sum
+  (see `PairedGroupConv`).
 
 The result is for inference only: eval mode, parameters frozen, `forward` runs under `torch.no_grad()` and in the
 model's dtype, with autocast off (`model.to(torch.bfloat16)` before optimizing is the bfloat16 path).
@@ -32,8 +34,9 @@ from .interface import check_input
 from .layers import Mlp
 from .mixer import MixerBlock, MlpMixer
 from .vip import PermutatorBlock, VisionPermutator, WeightedPermuteMLP
+from .wavemlp import PATM, WaveMLP
 
-FAMILIES = (MlpMixer, CycleMLP, VisionPermutator)
+FAMILIES = (MlpMixer, CycleMLP, VisionPermutator, WaveMLP)
 
 # oneDNN's fused linear: the bias, a GELU or a residual add run inside the matrix product (5-20% per layer on CPU).
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -193,6 +196,23 @@ def fold_cycle_mixer(
     return out.view(batch, height, width, -1)
 
 
+class PairedGroupConv(nn.Module):
+    """Wave-MLP's `tfc_h` / `tfc_w`, a convolution 2C -> C with two input channels per group (output c reads inputs
+    2c and 2c + 1), as a depthwise convolution over the 2C inputs followed by the sum of each pair of its outputs:
+    the same products and sums. oneDNN's CPU kernel for two channels per group is slow (4-8x a depthwise
+    convolution of the same inputs in channels_last bfloat16). In bfloat16 the depthwise outputs are rounded once
+    before the pair sum, where the grouped kernel accumulates the pair in float32."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.weight = frozen(conv.weight.reshape(conv.in_channels, 1, *conv.kernel_size))
+        self.padding = conv.padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        depthwise = F.conv2d(x, self.weight, None, 1, self.padding, 1, self.weight.shape[0])
+        return depthwise[:, 0::2] + depthwise[:, 1::2]
+
+
 class FusedBlock(nn.Module):
     """Pre-norm block of every family: x = mixer(norm1(x), residual=x), then x = mlp(norm2(x), residual=x)."""
 
@@ -347,10 +367,15 @@ def optimize_for_inference(model: nn.Module) -> InferenceModel:
     if isinstance(model, MlpMixer):
         blocks = [FusedBlock.of(block) for block in model.blocks]
         return InferenceModel(model, Embed(model.stem.proj, token_major=True), blocks, token_major=True)
-    layers = [nn.Sequential(*map(FusedBlock.of, layer)) if isinstance(layer, nn.Sequential) else layer
-              for layer in model.network]  # fmt: skip
     stage_norms = None
     if getattr(model, "fork_feat", False):
         stage_norms = {i: getattr(model, f"norm{i}") for i in model._stage_positions()}
+    if isinstance(model, WaveMLP):
+        for mixer in model.modules():
+            if isinstance(mixer, PATM):
+                mixer.tfc_h, mixer.tfc_w = PairedGroupConv(mixer.tfc_h), PairedGroupConv(mixer.tfc_w)
+        return InferenceModel(model, model.patch_embed, list(model.network), token_major=False, stage_norms=stage_norms)
+    layers = [nn.Sequential(*map(FusedBlock.of, layer)) if isinstance(layer, nn.Sequential) else layer
+              for layer in model.network]  # fmt: skip
     embed = Embed(model.patch_embed.proj, token_major=False)
     return InferenceModel(model, embed, layers, token_major=False, stage_norms=stage_norms)
