@@ -139,6 +139,29 @@ def test_the_model_is_left_untouched_and_trainable():
     assert_same(fast(x), expected)
 
 
+@pytest.mark.skipif(not optimize.ONEDNN_LINEAR, reason="this PyTorch has no oneDNN fused linear")
+def test_onednn_weights_are_packed_once_and_follow_the_weights(tmp_path):
+    """oneDNN's blocked copy of a weight is made on first use and reused; a weight changed in place or converted
+    is packed again; the module still deep-copies and saves (the blocked copy is not part of its state)."""
+    model, x = build("mixer")
+    fast = allmlp.optimize_for_inference(model)
+    linear = fast.layers[0].mlp.fc1
+    with torch.no_grad():
+        expected = fast.forward_features(x)
+        packed = linear.packed_weight()
+        assert packed.is_mkldnn and linear.packed_weight() is packed
+        linear.weight.mul_(2.0)
+        assert linear.packed_weight() is not packed
+        assert not torch.equal(fast.forward_features(x), expected)
+        linear.weight.div_(2.0)
+        assert_same(copy.deepcopy(fast).forward_features(x), expected)
+        torch.save(fast, tmp_path / "fast.pt")
+        bf16 = fast.to(torch.bfloat16)
+        assert linear.packed_weight().dtype == torch.bfloat16
+        got = bf16.forward_features(x.bfloat16()).float()
+    assert ((got - expected).norm() / expected.norm()).item() < 0.03
+
+
 def test_runs_without_grad_whatever_the_input():
     model, x = build("mixer")
     out = allmlp.optimize_for_inference(model)(x.requires_grad_())

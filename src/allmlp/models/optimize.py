@@ -10,7 +10,8 @@ model's current weights:
 - Each residual add happens inside the last matrix product of its branch (`addmm_` into residual + bias), and
   the hidden GELU runs in place: one pass over memory instead of three.
 - On CPU in float32 or bfloat16, last-dimension linears are oneDNN's fused linear (the kernel torch.compile uses
-  on CPU): bias and GELU, or bias and residual add, happen inside the product. Other devices and dtypes, or a
+  on CPU) with its weights packed once into oneDNN's blocked layout: bias and GELU, or bias and residual add,
+  happen inside the product. Other devices and dtypes, or a
   PyTorch without the op, take portable ops that compute the same.
 - CycleMLP folds split attention into the projection on large token grids (see `fold_cycle_mixer`).
 - Wave-MLP's `tfc_h` / `tfc_w` (two input channels per group) run as a depthwise convolution and a pair sum
@@ -79,14 +80,28 @@ class FusedLinear(nn.Module):
         super().__init__()
         self.weight, self.bias = frozen(weight, scale), frozen(bias, scale)
         self.gelu, self.features_first = gelu, features_first
+        self._packed: tuple | None = None  # (the weight's version key, oneDNN's blocked copy of it)
+
+    def packed_weight(self) -> torch.Tensor:
+        """The weight reordered into oneDNN's blocked layout once, not on every call (what inductor's freezing
+        does), and again whenever the weight is replaced, moved or changed in place."""
+        key = (self.weight.data_ptr(), self.weight.dtype, self.weight._version)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight))
+        return self._packed[1]
+
+    def __getstate__(self) -> dict:
+        # oneDNN's blocked tensors cannot be copied or saved: a copy packs its own on first use
+        return {**super().__getstate__(), "_packed": None}
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if not self.features_first and onednn_applies(x, self.weight):
+            weight = self.packed_weight()
             if residual is not None:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, self.bias, "add")
             if self.gelu is not None:
-                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], self.gelu)
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+                return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "gelu", [], self.gelu)
+            return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
         out_features = self.weight.shape[0]
         if self.features_first:
             left, right = self.weight, x.reshape(x.shape[0], -1)
