@@ -42,7 +42,7 @@ from allmlp.allocator import apply_environment
 from allmlp.models.optimize import FAMILIES as OPTIMIZABLE
 from allmlp.models.registry import REGISTRY
 from allmlp.models.reparam import can_reparameterize
-from allmlp.tools.bench import Gemm, expand_models, machine
+from allmlp.tools.bench import Gemm, expand_models, machine_line
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -221,9 +221,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     constructors = authors_constructors()
     names = expand_models(args.models) if args.models else default_models()
-    info = machine()
-    cpu = f"{info['cpu']} ({info['cpu_bf16_unit']})"
-    print(f"{cpu}, {info['threads']} threads, torch {info['torch']}, batch {args.batch}, malloc: {info['malloc']}")
+    print(machine_line(f"batch {args.batch}"))
     print("| model | dtype | implementation | img/s | / peer (same dtype) | of GEMM rate |")
     print("|---|---|---|---|---|---|")
     for name in names:

@@ -22,7 +22,7 @@ import torch
 
 import allmlp
 from allmlp.allocator import apply_environment
-from allmlp.tools.bench import input_size, machine
+from allmlp.tools.bench import input_size, machine_line
 
 MODELS = ["mixer_b16_224", "activemlp_xt", "asmlp_t", "swinmlp_t_c24", "smlpnet_t", "wavemlp_t_dw"]
 SETTINGS = ("system", "retain")
@@ -77,8 +77,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
-    info = machine()
-    print(f"{info['cpu']} ({info['cpu_bf16_unit']}), {args.threads} threads, torch {info['torch']}, batch {args.batch}")
+    torch.set_num_threads(args.threads)  # as each child runs (for the line below; the parent times nothing)
+    print(machine_line(f"batch {args.batch}", malloc=False))  # the table compares both settings
     print(
         "| model | img/s, glibc defaults | img/s, freed memory kept | page faults per batch "
         "| speed-up (median of pairs) |"

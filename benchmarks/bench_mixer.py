@@ -31,7 +31,7 @@ from allmlp.tools.bench import (
     checkpointing_summary,
     expand_cases,
     format_table,
-    machine,
+    machine_line,
     run_case,
     write_results,
 )
@@ -79,11 +79,7 @@ def main() -> None:
     for suite in args.suite:
         rows = bench(expand_cases(**SUITES[suite]), settings)
         head_to_head = best_vs_best(rows, settings) if suite in HEAD_TO_HEAD else []
-        info = machine()
-        print(
-            f"\n## {suite}: {info['cpu']} ({info['cpu_bf16_unit']}), {info['threads']} threads, "
-            f"torch {info['torch']}, {args.clock} clock, malloc: {info['malloc']}"
-        )
+        print(f"\n## {suite}: {machine_line(f'{args.clock} clock')}")
         print(format_table(rows, args.markdown))
         for line in checkpointing_summary(rows):
             print(line)

@@ -559,6 +559,14 @@ def machine() -> dict:
     return info
 
 
+def machine_line(*details: str, malloc: bool = True) -> str:
+    """The line a benchmark's table starts with: the CPU and its bf16 unit, threads, torch, then `details` (the
+    run's own settings) and the malloc setting (`malloc=False` where the run varies it)."""
+    info = machine()
+    fields = [f"{info['cpu']} ({info['cpu_bf16_unit']})", f"{info['threads']} threads", f"torch {info['torch']}"]
+    return ", ".join([*fields, *details, *([f"malloc: {info['malloc']}"] if malloc else [])])
+
+
 def _cpu_info() -> tuple[str, set[str]]:
     """Model name and feature flags from /proc/cpuinfo (Linux); elsewhere what `platform` knows."""
     text = ""
@@ -624,11 +632,7 @@ def run_command(cases: list[Case], settings: Settings, out_dir: str | Path, mark
     except BaseException:
         (Path(out_dir) / f"{stem}.json").unlink(missing_ok=True)
         raise
-    info = machine()
-    print(
-        f"{info['cpu']} ({info['cpu_bf16_unit']}), {info['threads']} threads, torch {info['torch']}, "
-        f"device {settings.device}, {settings.clock} clock, malloc: {info['malloc']}"
-    )
+    print(machine_line(f"device {settings.device}", f"{settings.clock} clock"))
     print(format_table(rows, markdown))
     for line in checkpointing_summary(rows):
         print(line)
