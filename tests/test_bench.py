@@ -176,6 +176,10 @@ def test_optimized_cases_are_eager_inference_in_the_models_dtype():
     optimized = [(c.dtype, c.mode, c.compile) for c in cases if c.optimize]
     assert optimized == [("fp32", "inference", False), ("bf16", "inference", False)]
     assert str(next(c for c in cases if c.optimize)) == "mixer_s32_224 batch 1 fp32 inference optimized"
+    cases = expand_cases(["resmlp_12_224", "wavemlp_t"], [1], ["bf16"], ["inference"], [False],
+                         optimize_modes=[False, True])  # fmt: skip
+    only_where_it_applies = [("resmlp_12_224", False), ("wavemlp_t", False), ("wavemlp_t", True)]
+    assert [(c.model, c.optimize) for c in cases] == only_where_it_applies
 
 
 def test_bench_times_the_optimized_module_as_its_own_row(tmp_path, capsys):

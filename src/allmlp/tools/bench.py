@@ -40,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .. import allocator
 from ..atomic import write_bytes_atomic
 from ..models.mixer import MlpMixer
+from ..models.optimize import FAMILIES as OPTIMIZABLE
 from ..models.optimize import optimize_for_inference
 from ..models.registry import create_model, get_entry, list_models
 from ..weights import load_weights
@@ -120,7 +121,8 @@ def expand_cases(
     optimize_modes: Iterable[bool] = (False,),
 ) -> list[Case]:
     """Every combination, validated; training runs with and without grad checkpointing when asked to compare;
-    `optimize_for_inference` only where it applies (eager inference in the model's dtype: it ignores autocast)."""
+    `optimize_for_inference` only where it applies (the families it takes, eager inference in the model's dtype:
+    it ignores autocast)."""
     models, dtypes, modes = expand_models(models), list(dtypes), list(modes)
     for dtype in dtypes:
         if dtype not in DTYPES:
@@ -140,7 +142,12 @@ def expand_cases(
                     for compiled in compile_modes:
                         for ckpt in (False, True) if grad_checkpointing and mode == "train" else (False,):
                             for optimized in optimize_modes:
-                                if optimized and (compiled or mode == "train" or dtype == "bf16-autocast"):
+                                if optimized and (
+                                    compiled
+                                    or mode == "train"
+                                    or dtype == "bf16-autocast"
+                                    or get_entry(name).architecture not in OPTIMIZABLE
+                                ):
                                     continue
                                 case = Case(name, batch, dtype, mode, compiled, ckpt, optimized)
                                 if case not in cases:
