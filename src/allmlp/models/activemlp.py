@@ -13,12 +13,12 @@ stored in the last block of a stage (`blocks.i.j.downsample`); there is no norm 
 
 The authors sample with torchvision's deform_conv2d (a 1x1 kernel, offsets zero in the other direction). Here
 the sampling is linear interpolation between the two nearest pixels along the one axis, zero outside the
-image (`sample_along`): indices and weights are computed once per group of channels that shares an offset, the
-two taps are read as whole rows of a group's channels from the channels-last tokens (an embedding lookup: one
-index per group, not per channel), and the result is bit-identical to deform_conv2d's sampled
-values on x86 CPUs (same positions, same weights, same products). It is faster than deform_conv2d, runs in
-bfloat16 (positions in float32: bfloat16 cannot tell 55 from 55.2) and exports to ONNX (Gather / Floor / Clip,
-no custom op). Everything else follows the authors: LayerNorm eps 1e-5, exact (erf) GELU, their initialisation.
+image (`sample_along`): positions and weights are computed once per group of channels that shares an offset,
+the two taps are gathers along the axis from the channels-last tokens, and the result is bit-identical to
+deform_conv2d's sampled values on x86 CPUs (same positions, same weights, same products). It is faster than
+deform_conv2d, compiles to one fused pass, runs in bfloat16 (positions in float32: bfloat16 cannot tell 55 from
+55.2) and exports to ONNX (GatherElements / Floor / Clip, no custom op). Everything else follows the authors:
+LayerNorm eps 1e-5, exact (erf) GELU, their initialisation.
 """
 
 from __future__ import annotations
@@ -61,11 +61,13 @@ def sample_along(x: torch.Tensor, offset: torch.Tensor, dim: int) -> torch.Tenso
     along the other axis, and bit-identical to it: position = index + offset in float32, weights 1 - f and f of
     its fractional part f, products summed in the same order.
 
-    Positions are clamped to [-1, size] (where deform_conv2d's result is zero, a clamped one is zero too) and the
-    tokens zero-padded by one pixel before and two after along `dim`, so that both taps are valid indices.
+    Positions, floors and fractions are computed once per offset group; the taps are two `gather`s along `dim`
+    with one index per channel, so that `torch.compile` fuses the whole sampling into one vectorised pass over the
+    channels (an index per group, read as rows of C // G channels, runs as fast in eager mode but compiles to
+    scalar loops over those few channels, several times slower). Positions are clamped to [-1, size] (where
+    deform_conv2d's result is zero, a clamped one is zero too) and the tokens zero-padded by one pixel before and
+    two after along `dim`, so that both taps are valid indices.
     """
-    batch, height, width, channels = x.shape
-    groups = offset.shape[-1]
     size = x.shape[dim]
     compute = torch.promote_types(offset.dtype, torch.float32)
     steps = torch.arange(size, device=x.device, dtype=compute)
@@ -73,33 +75,22 @@ def sample_along(x: torch.Tensor, offset: torch.Tensor, dim: int) -> torch.Tenso
     position = (offset.to(compute) + steps).clamp(-1, size)
     low = position.floor()
     fraction = position - low
-    # the padded tokens as rows of one group's channels, (B * H' * W' * G, C / G), and the row of each output's
-    # lower tap: both taps of a group are whole rows, read as an embedding lookup (an index per group, not per
-    # channel; the upper tap is the next row along `dim`). The tap is clamped again as an integer: a NaN position
-    # gives NaN weights, and must not become an invalid index.
-    shape = (batch, height, width, groups, channels // groups)
-    tap = (low + 1).long().clamp(0, size + 1)
-    padding = [0, 0, 0, 0, 1, 2] if dim == 2 else [0, 0, 0, 0, 0, 0, 1, 2]
-    padded = F.pad(x.reshape(shape), padding)
-    rows = padded.reshape(padded.shape[0] * padded.shape[1] * padded.shape[2] * groups, channels // groups)
-    b = torch.arange(batch, device=x.device).view(-1, 1, 1, 1)
-    g = torch.arange(groups, device=x.device)
-    if dim == 2:  # row ((b * H + h) * (W + 3) + tap) * G + g
-        step = groups
-        h = torch.arange(height, device=x.device).view(-1, 1, 1)
-        base = (b * height + h) * ((width + 3) * groups) + g
-    else:  # row ((b * (H + 3) + tap) * W + w) * G + g
-        step = width * groups
-        w = torch.arange(width, device=x.device).view(-1, 1)
-        base = b * ((height + 3) * width * groups) + w * groups + g
-    lower = base.add(tap, alpha=step)
-    # the weights spelled out per channel: products with a broadcast over a short last axis are several times
-    # slower (bfloat16 most) than with a contiguous operand
-    lower_weight = (1 - fraction).to(x.dtype).unsqueeze(-1).expand(shape).contiguous()
-    upper_weight = fraction.to(x.dtype).unsqueeze(-1).expand(shape).contiguous()
-    sampled = F.embedding(lower, rows) * lower_weight  # rows[lower]: (B, H, W, G, C / G)
-    sampled = sampled.addcmul_(F.embedding(lower, rows[step:]), upper_weight)  # the next row along `dim`
-    return sampled.reshape(batch, height, width, channels)
+    # the lower tap of position p is padded index floor(p) + 1, the upper tap the next one. The tap is clamped again
+    # as an integer: a NaN position gives NaN weights, and must not become an invalid index.
+    tap = per_channel((low + 1).long().clamp(0, size + 1), x.shape[3])
+    padded = F.pad(x, [0, 0, 1, 2] if dim == 2 else [0, 0, 0, 0, 1, 2])
+    upper = padded.narrow(dim, 1, size + 2)
+    sampled = padded.gather(dim, tap) * per_channel((1 - fraction).to(x.dtype), x.shape[3])
+    return sampled.addcmul_(upper.gather(dim, tap), per_channel(fraction.to(x.dtype), x.shape[3]))
+
+
+def per_channel(values: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, H, W, G) values of the offset groups spelled out for each of their channels, (B, H, W, C): gather
+    indices, and tap weights (products with a broadcast over a short last axis are several times slower, bfloat16
+    most, than with a contiguous operand)."""
+    batch, height, width, groups = values.shape
+    spread = values.unsqueeze(-1).expand(batch, height, width, groups, channels // groups)
+    return spread.reshape(batch, height, width, channels)
 
 
 class ATMOp(nn.Module):
