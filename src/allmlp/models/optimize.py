@@ -11,8 +11,8 @@ model's current weights:
   the hidden GELU runs in place: one pass over memory instead of three.
 - On CPU in float32 or bfloat16, last-dimension linears are oneDNN's fused linear (the kernel torch.compile uses
   on CPU) with its weights packed once into oneDNN's blocked layout: bias and GELU, or bias and residual add,
-  happen inside the product. Other devices and dtypes, or a
-  PyTorch without the op, take portable ops that compute the same.
+  happen inside the product. Other devices and dtypes, or a PyTorch without the op, take portable ops that
+  compute the same.
 - CycleMLP folds split attention into the projection on large token grids (see `fold_cycle_mixer`).
 - Wave-MLP's `tfc_h` / `tfc_w` (two input channels per group) run as a depthwise convolution and a pair sum
   (see `PairedGroupConv`).
@@ -215,8 +215,8 @@ class PairedGroupConv(nn.Module):
     """Wave-MLP's `tfc_h` / `tfc_w`, a convolution 2C -> C with two input channels per group (output c reads inputs
     2c and 2c + 1), as a depthwise convolution over the 2C inputs followed by the sum of each pair of its outputs:
     the same products and sums. oneDNN's CPU kernel for two channels per group is slow (4-8x a depthwise
-    convolution of the same inputs in channels_last bfloat16). In bfloat16 the depthwise outputs are rounded once
-    before the pair sum, where the grouped kernel accumulates the pair in float32."""
+    convolution of the same inputs in channels_last bfloat16). In bfloat16 each depthwise output is rounded before
+    the pair sum: one rounding more than the grouped kernel's."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
@@ -265,11 +265,11 @@ class Embed(nn.Module):
 
 
 class InferenceModel(nn.Module):
-    """What `optimize_for_inference` returns: `forward(x)` gives the model's output (logits, or CycleMLP's
+    """What `optimize_for_inference` returns: `forward(x)` gives the model's output (logits, or the
     fork_feat maps) and `forward_features(x)` its features, both under `torch.no_grad()` with autocast off.
 
     `layers` run in order on the tokens (token-major (S, B, C) for Mixer, (B, H, W, C) otherwise); `stage_norms`
-    (CycleMLP fork_feat) maps a layer index to the norm whose NCHW output is a feature map.
+    (fork_feat of CycleMLP and Wave-MLP) maps a layer index to the norm whose NCHW output is a feature map.
     """
 
     def __init__(
@@ -368,7 +368,7 @@ def check_plain(model: nn.Module) -> None:
 
 
 def optimize_for_inference(model: nn.Module) -> InferenceModel:
-    """A new inference module computing `model.eval()`'s function (logits, or CycleMLP's fork_feat maps) from a
+    """A new inference module computing `model.eval()`'s function (logits, or the fork_feat maps) from a
     copy of its current weights, in its dtype and on its device; `model` itself is left untouched.
 
     The result is in eval mode whatever mode `model` is in, its parameters are frozen and its `forward` and
