@@ -188,6 +188,16 @@ def test_bench_times_the_optimized_module_as_its_own_row(tmp_path, capsys):
         assert [r["impl"] for r in csv.DictReader(f)] == ["allmlp", "allmlp optimized"]
 
 
+def run_families_benchmark(model: str, *options: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """benchmarks/bench_families.py on `model` (1 thread, batch 1, 1 round): its stderr and its table rows
+    (dtype, implementation, ratio or '')."""
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_families.py"
+    command = [sys.executable, str(script), "--models", model, "--threads", "1", "--batch", "1", "--rounds", "1"]
+    result = subprocess.run([*command, *options], capture_output=True, text=True, check=True)
+    row = rf"^\| {model} \| (\w+) \| ([\w ]+) \| [\d.]+ \| ([\d.]+x)? \| \d+% \|$"
+    return result.stderr, re.findall(row, result.stdout, re.M)
+
+
 def test_families_benchmark_covers_every_family_and_checks_the_authors_formulation():
     """benchmarks/bench_families.py has an authors' formulation (tests/reference) for every family it times by
     default, and runs end to end: logits agree, one row per implementation and dtype, with ratio and GEMM share."""
@@ -197,14 +207,8 @@ def test_families_benchmark_covers_every_family_and_checks_the_authors_formulati
     families = {entry.architecture.__name__ for entry in allmlp.models.REGISTRY.values()} - OWN_BENCHMARK
     assert families <= set(authors_constructors())
     assert {allmlp.get_entry(name).architecture.__name__ for name in default_models()} == families
-    script = Path(__file__).parents[1] / "benchmarks" / "bench_families.py"
-    command = [sys.executable, str(script), "--models", "spach_ms_mlp_xxs", "--threads", "1", "--batch", "1",
-               "--rounds", "1"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    assert re.search(r"spach_ms_mlp_xxs: logits agree with the authors formulation to \S+", result.stderr)
-    rows = re.findall(
-        r"^\| spach_ms_mlp_xxs \| (\w+) \| (\w+) \| [\d.]+ \| ([\d.]+x)? \| \d+% \|$", result.stdout, re.M
-    )
+    log, rows = run_families_benchmark("spach_ms_mlp_xxs")
+    assert re.search(r"spach_ms_mlp_xxs: logits agree with the authors formulation to \S+", log)
     assert {(dtype, impl) for dtype, impl, _ in rows} == {
         (d, i) for d in ("float32", "bfloat16") for i in ("authors", "allmlp")
     }
@@ -214,31 +218,19 @@ def test_families_benchmark_covers_every_family_and_checks_the_authors_formulati
 def test_families_benchmark_times_the_deploy_form_against_the_authors_deploy_form():
     """A family with a deploy form (RepMLPNet) gets rows for it, allmlp's folded by `allmlp.reparameterize` against
     the authors' `deploy=True` model with the same folded weights, after their logits are compared."""
-    script = Path(__file__).parents[1] / "benchmarks" / "bench_families.py"
-    command = [sys.executable, str(script), "--models", "repmlpnet_t224", "--threads", "1", "--batch", "1",
-               "--rounds", "1", "--dtypes", "float32"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    assert re.search(r"repmlpnet_t224 deployed: logits agree with the authors formulation to \S+", result.stderr)
-    rows = re.findall(
-        r"^\| repmlpnet_t224 \| float32 \| ([\w ]+) \| [\d.]+ \| ([\d.]+)x \| \d+% \|$", result.stdout, re.M
-    )
-    assert [impl for impl, _ in rows] == ["authors", "allmlp", "authors deployed", "allmlp deployed"]
-    assert [ratio for impl, ratio in rows if impl.startswith("authors")] == ["1.00", "1.00"]
+    log, rows = run_families_benchmark("repmlpnet_t224", "--dtypes", "float32")
+    assert re.search(r"repmlpnet_t224 deployed: logits agree with the authors formulation to \S+", log)
+    assert [impl for _, impl, _ in rows] == ["authors", "allmlp", "authors deployed", "allmlp deployed"]
+    assert [ratio for _, impl, ratio in rows if impl.startswith("authors")] == ["1.00x", "1.00x"]
 
 
 def test_families_benchmark_times_the_inference_module_where_there_is_one():
     """A family `allmlp.optimize_for_inference` takes (Wave-MLP) gets a row for its inference module, compared with
     the authors' model as built, after its logits are compared with theirs."""
-    script = Path(__file__).parents[1] / "benchmarks" / "bench_families.py"
-    command = [sys.executable, str(script), "--models", "wavemlp_t_dw", "--threads", "1", "--batch", "1",
-               "--rounds", "1", "--dtypes", "float32"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    assert re.search(r"wavemlp_t_dw optimized: logits agree with the authors formulation to \S+", result.stderr)
-    rows = re.findall(
-        r"^\| wavemlp_t_dw \| float32 \| ([\w ]+) \| [\d.]+ \| ([\d.]+x)? \| \d+% \|$", result.stdout, re.M
-    )
-    assert [impl for impl, _ in rows] == ["authors", "allmlp", "allmlp optimized"]
-    assert all(ratio for impl, ratio in rows if impl.startswith("allmlp"))
+    log, rows = run_families_benchmark("wavemlp_t_dw", "--dtypes", "float32")
+    assert re.search(r"wavemlp_t_dw optimized: logits agree with the authors formulation to \S+", log)
+    assert [impl for _, impl, _ in rows] == ["authors", "allmlp", "allmlp optimized"]
+    assert all(ratio for _, impl, ratio in rows if impl.startswith("allmlp"))
 
 
 @pytest.mark.skipif(not allocator.runs_on_glibc(), reason="the setting it measures is glibc's")
