@@ -162,6 +162,16 @@ def test_onednn_weights_are_packed_once_and_follow_the_weights(tmp_path):
     assert ((got - expected).norm() / expected.norm()).item() < 0.03
 
 
+def test_bf16_weights_stay_plain_where_onednn_cannot_pack_them(monkeypatch):
+    """On a CPU without bfloat16 support oneDNN refuses to pack bfloat16 weights: the plain weight serves."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    model, x = build("mixer")
+    fast = allmlp.optimize_for_inference(model.to(torch.bfloat16))
+    linear = fast.layers[0].mlp.fc1
+    assert linear.packed_weight() is linear.weight
+    assert fast(x.bfloat16()).dtype == torch.bfloat16
+
+
 def test_runs_without_grad_whatever_the_input():
     model, x = build("mixer")
     out = allmlp.optimize_for_inference(model)(x.requires_grad_())

@@ -84,10 +84,12 @@ class FusedLinear(nn.Module):
 
     def packed_weight(self) -> torch.Tensor:
         """The weight reordered into oneDNN's blocked layout once, not on every call (what inductor's freezing
-        does), and again whenever the weight is replaced, moved or changed in place."""
+        does), and again whenever the weight is replaced, moved or changed in place. oneDNN packs bfloat16 only
+        on CPUs with bfloat16 support (AVX-512 or AMX); elsewhere the plain weight serves, as before packing."""
         key = (self.weight.data_ptr(), self.weight.dtype, self.weight._version)
         if self._packed is None or self._packed[0] != key:
-            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight))
+            packable = self.weight.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight) if packable else self.weight)
         return self._packed[1]
 
     def __getstate__(self) -> dict:
