@@ -63,10 +63,10 @@ def sample_along(x: torch.Tensor, offset: torch.Tensor, dim: int) -> torch.Tenso
 
     Positions, floors and fractions are computed once per offset group; the taps are two `gather`s along `dim`
     with one index per channel, so that `torch.compile` fuses the whole sampling into one vectorised pass over the
-    channels (an index per group, read as rows of C // G channels, runs as fast in eager mode but compiles to
-    scalar loops over those few channels, several times slower). Positions are clamped to [-1, size] (where
-    deform_conv2d's result is zero, a clamped one is zero too) and the tokens zero-padded by one pixel before and
-    two after along `dim`, so that both taps are valid indices.
+    channels (an index per group, read as rows of C // G channels, is about 6% faster in eager inference but
+    compiles to scalar loops over those few channels, several times slower). Positions are clamped to [-1, size]
+    (where deform_conv2d's result is zero, a clamped one is zero too) and the tokens zero-padded by one pixel before
+    and two after along `dim`, so that both taps are valid indices.
     """
     size = x.shape[dim]
     compute = torch.promote_types(offset.dtype, torch.float32)
