@@ -162,6 +162,7 @@ def test_onednn_weights_are_packed_once_and_follow_the_weights(tmp_path):
     assert ((got - expected).norm() / expected.norm()).item() < 0.03
 
 
+@pytest.mark.skipif(not optimize.ONEDNN_LINEAR, reason="this PyTorch has no oneDNN fused linear")
 def test_bf16_weights_stay_plain_where_onednn_cannot_pack_them(monkeypatch):
     """On a CPU without bfloat16 support oneDNN refuses to pack bfloat16 weights: the plain weight serves."""
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)

@@ -84,12 +84,12 @@ def registered_variant_for(state_dict: dict[str, torch.Tensor]) -> nn.Module:
     shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
     for name in list_models():
         for overrides in _variants(name):
-            candidate, classifier = _meta_shapes(name, tuple(overrides.items()))
+            candidate_shapes, classifier = _meta_shapes(name, tuple(overrides.items()))
             head = shapes.get(f"{classifier}.weight")
             if head is not None and "fork_feat" not in overrides:
                 overrides = {**overrides, "num_classes": head[0]}
-                candidate, _ = _meta_shapes(name, tuple(overrides.items()))
-            if candidate == shapes:
+                candidate_shapes, _ = _meta_shapes(name, tuple(overrides.items()))
+            if candidate_shapes == shapes:
                 return create_model(name, **overrides)
     raise ValueError(
         "weights whose names and shapes match no registered model (an unknown variant, or a file of another "
