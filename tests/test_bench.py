@@ -170,11 +170,12 @@ def test_a_step_of_cyclemlp_and_vip_is_built_and_counted(name):
     assert model_flops(name, 1, "inference") > 1e9
 
 
-def test_optimized_cases_are_eager_inference_in_the_models_dtype():
+def test_optimized_cases_are_inference_in_the_models_dtype_eager_and_compiled():
     cases = expand_cases(["mixer_s32_224"], [1], ["fp32", "bf16", "bf16-autocast"], ["inference", "train"],
                          [False, True], optimize_modes=[False, True])  # fmt: skip
     optimized = [(c.dtype, c.mode, c.compile) for c in cases if c.optimize]
-    assert optimized == [("fp32", "inference", False), ("bf16", "inference", False)]
+    assert optimized == [("fp32", "inference", False), ("fp32", "inference", True), ("bf16", "inference", False),
+                         ("bf16", "inference", True)]  # fmt: skip
     assert str(next(c for c in cases if c.optimize)) == "mixer_s32_224 batch 1 fp32 inference optimized"
     cases = expand_cases(["resmlp_12_224", "wavemlp_t"], [1], ["bf16"], ["inference"], [False],
                          optimize_modes=[False, True])  # fmt: skip

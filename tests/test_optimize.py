@@ -121,6 +121,22 @@ def test_default_threshold_folds_only_large_grids():
     assert sum(event.name == "aten::baddbmm_" for event in prof.events()) == 3  # one per branch, one block
 
 
+@pytest.mark.parametrize("name", ["mixer", pytest.param("cyclemlp", marks=pytest.mark.slow), "wavemlp"])
+def test_compiles_with_freezing_to_the_same_function(name):
+    """`torch.compile` of the inference module (Wave-MLP's fastest form; `allmlp bench --optimize on --compile
+    on`), with inductor's freezing as the benchmarks compile it: inside the compiled graph the fused linears take
+    their portable ops, which inductor fuses itself."""
+    import torch._inductor.config as inductor_config
+
+    model, x = build(name)
+    fast = allmlp.optimize_for_inference(model)
+    with torch.no_grad():
+        expected = model(x)
+    with inductor_config.patch(freezing=True):
+        compiled = torch.compile(fast)(x)
+    torch.testing.assert_close(compiled, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_the_model_is_left_untouched_and_trainable():
     model, x = build("vip")
     model.train()

@@ -590,8 +590,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         choices=["off", "on"],
         default=["off"],
-        help="allmlp plain and/or as allmlp.optimize_for_inference(model) (eager inference, the families it takes: "
-        "Mixer, CycleMLP, ViP, Wave-MLP; row 'allmlp optimized')",
+        help="allmlp plain and/or as allmlp.optimize_for_inference(model) (inference, eager and/or compiled as "
+        "--compile says; the families it takes: Mixer, CycleMLP, ViP, Wave-MLP; row 'allmlp optimized')",
     )
     p.add_argument("--compare", choices=PEERS, help="time this peer's same architecture in the same rounds")
     p.add_argument(

@@ -55,7 +55,8 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 @dataclass(frozen=True)
 class Case:
     """One configuration to time. In training, bf16 always means autocast with float32 master weights.
-    `optimize`: allmlp runs as `optimize_for_inference(model)` (eager inference only; the peer runs plainly)."""
+    `optimize`: allmlp runs as `optimize_for_inference(model)` (inference only, eager or compiled; the peer runs
+    its plain model in the same mode)."""
 
     model: str
     batch_size: int
@@ -121,8 +122,8 @@ def expand_cases(
     optimize_modes: Iterable[bool] = (False,),
 ) -> list[Case]:
     """Every combination, validated; training runs with and without grad checkpointing when asked to compare;
-    `optimize_for_inference` only where it applies (the families it takes, eager inference in the model's dtype:
-    it ignores autocast)."""
+    `optimize_for_inference` only where it applies (the families it takes, inference in the model's dtype: it
+    ignores autocast), eager and compiled as `compile_modes` say."""
     models, dtypes, modes = expand_models(models), list(dtypes), list(modes)
     for dtype in dtypes:
         if dtype not in DTYPES:
@@ -143,8 +144,7 @@ def expand_cases(
                         for ckpt in (False, True) if grad_checkpointing and mode == "train" else (False,):
                             for optimized in optimize_modes:
                                 if optimized and (
-                                    compiled
-                                    or mode == "train"
+                                    mode == "train"
                                     or dtype == "bf16-autocast"
                                     or get_entry(name).architecture not in OPTIMIZABLE
                                 ):
