@@ -142,20 +142,16 @@ def bench_model(name: str, args: argparse.Namespace, constructors: dict) -> list
     runs, flops, peer_of = {}, {}, {}  # per (implementation, dtype)
     for form, net_allmlp, net_peer in forms(model, peer, constructors):
         same_logits(name, form, net_allmlp, net_peer, peer_kind, images[:2])
-        optimizable = type(net_allmlp) in OPTIMIZABLE
-        if optimizable:
+        impls = [(peer_kind, net_peer), ("allmlp", net_allmlp)]
+        if type(net_allmlp) in OPTIMIZABLE:  # also as allmlp.optimize_for_inference's module
             fast = allmlp.optimize_for_inference(net_allmlp)
             same_logits(name, form + " optimized", fast, net_peer, peer_kind, images[:2])
+            impls.append(("allmlp optimized", fast))
         form_flops = flops_per_image(net_allmlp, shape) * args.batch
         for dtype_name in args.dtypes:
             x = images.to(DTYPES[dtype_name])
-            impls = [(peer_kind, net_peer), ("allmlp", net_allmlp)]
-            if optimizable:  # also as allmlp.optimize_for_inference's module
-                impls.append(("allmlp optimized", net_allmlp))
             for impl, net in impls:
                 net = copy.deepcopy(net).to(DTYPES[dtype_name])
-                if impl == "allmlp optimized":
-                    net = allmlp.optimize_for_inference(net)
                 try:
                     with torch.no_grad():
                         net(x[:1])
